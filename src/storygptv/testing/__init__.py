@@ -1,0 +1,10 @@
+"""Tiny, random, fully offline components for every pipeline of the package.
+
+The tests, the examples and users' own tests share these builders: they need no download and run in
+well under a second on a CPU. Weights are random, so images are noise; shapes, dtypes, the data flow
+and the save/load formats are those of the real models.
+"""
+
+from .tokenizers import DEFAULT_CORPUS, build_bpe_tokenizer
+
+__all__ = ["DEFAULT_CORPUS", "build_bpe_tokenizer"]
