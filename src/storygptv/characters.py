@@ -36,6 +36,9 @@ __all__ = [
     "find_character_mentions",
     "find_character_tokens",
     "load_character_image",
+    "locate_character_tokens",
+    "normalize_characters",
+    "warn_ignored_characters",
 ]
 
 
@@ -100,6 +103,45 @@ def _last_token_in_span(offsets: list[tuple[int, int]], start: int, end: int) ->
     return last
 
 
+def locate_character_tokens(
+    caption: str, names: Iterable[str], tokenizer: Any, max_length: int | None = None
+) -> list[CharacterMention]:
+    """Every character of ``names`` that ``caption`` mentions, with its fused token position.
+
+    Like :func:`find_character_tokens` but without the ``max_characters`` cut and without warnings.
+    A name whose tokens fall beyond ``max_length`` (default ``tokenizer.model_max_length``) after
+    truncation is left out.
+    """
+    if max_length is None:
+        max_length = tokenizer.model_max_length
+    encoding = tokenizer(caption, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    offsets = [tuple(span) for span in encoding["offset_mapping"]]
+    resolved = []
+    for mention in find_character_mentions(caption, names):
+        token_index = _last_token_in_span(offsets, mention.start, mention.end)
+        if token_index is not None:
+            resolved.append(
+                CharacterMention(mention.name, mention.start, mention.end, token_index=token_index)
+            )
+    return resolved
+
+
+def warn_ignored_characters(caption: str, absent: list[str], dropped: list[str], max_characters: int) -> None:
+    """Warn about reference images that are not used for ``caption``."""
+    if absent:
+        warnings.warn(
+            f"Characters {absent} are not named in the caption {caption!r} (or fall beyond its token "
+            "limit); their reference images are ignored for it.",
+            stacklevel=3,
+        )
+    if dropped:
+        warnings.warn(
+            f"The caption {caption!r} names more than max_characters={max_characters} characters; "
+            f"{dropped} are not fused. Raise `max_characters` to keep them.",
+            stacklevel=3,
+        )
+
+
 def find_character_tokens(
     caption: str,
     names: Iterable[str],
@@ -122,36 +164,20 @@ def find_character_tokens(
     Returns:
         The kept mentions in caption order, each with ``token_index`` set to the position of the last
         sub-token of the name in ``tokenizer(caption, truncation=True, max_length=max_length)``.
+
+    Example:
+        >>> from storygptv.testing import build_bpe_tokenizer
+        >>> mentions = find_character_tokens("Fred's pal Barney.", ["Barney", "Fred"], build_bpe_tokenizer())
+        >>> [(m.name, m.token_index) for m in mentions]
+        [('Fred', 1), ('Barney', 7)]
     """
     names = list(dict.fromkeys(names))
-    if max_length is None:
-        max_length = tokenizer.model_max_length
-    encoding = tokenizer(caption, truncation=True, max_length=max_length, return_offsets_mapping=True)
-    offsets = [tuple(span) for span in encoding["offset_mapping"]]
-
-    resolved: list[CharacterMention] = []
-    for mention in find_character_mentions(caption, names):
-        token_index = _last_token_in_span(offsets, mention.start, mention.end)
-        if token_index is not None:
-            resolved.append(
-                CharacterMention(mention.name, mention.start, mention.end, token_index=token_index)
-            )
+    resolved = locate_character_tokens(caption, names, tokenizer, max_length)
     kept, dropped = resolved[:max_characters], resolved[max_characters:]
     if warn:
         found = {m.name for m in resolved}
         absent = [name for name in names if name not in found]
-        if absent:
-            warnings.warn(
-                f"Characters {absent} are not named in the caption {caption!r} (or fall beyond its "
-                f"{max_length} tokens); their reference images are ignored for it.",
-                stacklevel=2,
-            )
-        if dropped:
-            warnings.warn(
-                f"The caption {caption!r} names more than max_characters={max_characters} characters; "
-                f"{[m.name for m in dropped]} are not fused. Raise `max_characters` to keep them.",
-                stacklevel=2,
-            )
+        warn_ignored_characters(caption, absent, [m.name for m in dropped], max_characters)
     return kept
 
 

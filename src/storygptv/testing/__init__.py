@@ -5,6 +5,7 @@ well under a second on a CPU. Weights are random, so images are noise; shapes, d
 and the save/load formats are those of the real models.
 """
 
+from .char_ldm import tiny_char_ldm_components, tiny_unet, tiny_vae
 from .tokenizers import DEFAULT_CORPUS, build_bpe_tokenizer
 
-__all__ = ["DEFAULT_CORPUS", "build_bpe_tokenizer"]
+__all__ = ["DEFAULT_CORPUS", "build_bpe_tokenizer", "tiny_char_ldm_components", "tiny_unet", "tiny_vae"]

@@ -82,7 +82,9 @@ def build_bpe_tokenizer(
     bos_id, eos_id = tokenizer.token_to_id(bos), tokenizer.token_to_id(eos)
     if style == "clip":
         template = processors.TemplateProcessing(
-            single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}", special_tokens=[(bos, bos_id), (eos, eos_id)]
+            single=f"{bos} $A {eos}",
+            pair=f"{bos} $A {eos} $B {eos}",
+            special_tokens=[(bos, bos_id), (eos, eos_id)],
         )
     else:
         template = processors.TemplateProcessing(
