@@ -1,0 +1,149 @@
+"""Story datasets in one schema, referential captions, character masks and the stage-1 collator.
+
+Every loader returns a ``datasets.Dataset`` (or ``IterableDataset`` with ``streaming=True``) with one
+row per story and the columns of :data:`STORY_COLUMNS`:
+
+- ``story_id`` (str), ``frame_ids`` (list of str);
+- ``images``: list of RGB ``datasets.Image``;
+- ``captions`` / ``referential_captions``: lists of str (names vs. pronouns);
+- ``is_referential``: list of bool, the frame's names were replaced by a pronoun (``ref_flag``);
+- ``characters``: per frame, the canonical names ("Fred", "Mr Slate");
+- ``boxes``: per frame, per character ``[x1, y1, x2, y2]`` (float32, pixels of the stored image; ``[]``
+  when unknown);
+- ``segmentation``: list of "L" ``datasets.Image`` label maps (``1 + character index``, 0 elsewhere);
+- ``character_labels``: per frame, the multi-hot (int8) vector in the dataset's label order;
+- ``background`` (str per frame) and ``background_labels`` (int8 multi-hot per frame, or ``[]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from ._common import STORY_COLUMNS, normalize_split, story_features
+
+__all__ = [
+    "DATASET_NAMES",
+    "STORY_COLUMNS",
+    "CharLDMCollator",
+    "load_flintstones",
+    "load_pororo",
+    "load_story_dataset",
+    "load_synthsv",
+    "normalize_split",
+    "story_features",
+    "story_frames",
+]
+
+_LAZY = {
+    "CharLDMCollator": ".collators",
+    "story_frames": ".collators",
+    "load_flintstones": ".flintstones",
+    "load_pororo": ".pororo",
+    "load_synthsv": ".synthsv",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the loaders and the collator on first use (``from storygptv.data import CharLDMCollator``)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: Names accepted by :func:`load_story_dataset`.
+DATASET_NAMES: tuple[str, ...] = ("flintstones", "pororo", "synthsv")
+
+_NAME_ALIASES = {
+    "flintstones": "flintstones",
+    "flintstonessv": "flintstones",
+    "pororo": "pororo",
+    "pororosv": "pororo",
+    "synthsv": "synthsv",
+}
+
+
+def load_story_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    split: str = "train",
+    frames_per_story: int = 4,
+    referential: bool = True,
+    referential_compat: str | None = None,
+    seed: int = 0,
+    frame_index: int | None = None,
+    sam_model: Any = None,
+    sam_processor: Any = None,
+    streaming: bool = False,
+    **kwargs: Any,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load a story-visualisation dataset in the common story schema (one row per story).
+
+    Args:
+        name: ``"flintstones"``, ``"pororo"`` or ``"synthsv"`` (case-insensitive; "FlintstonesSV" and
+            "PororoSV" are accepted).
+        data_dir: the folder of the downloaded release (FlintstonesSV, PororoSV); SynthSV is generated
+            and ignores it.
+        split: ``"train"``, ``"validation"`` (or ``"val"``) or ``"test"``.
+        frames_per_story: frames per story.
+        referential: add pronoun-substituted captions (otherwise ``referential_captions`` equals
+            ``captions``).
+        referential_compat: ``None`` for our fixed rules, ``"make-a-story"`` (or ``"storygptv"``) to
+            reproduce the public code (see :mod:`storygptv.data.referential`).
+        seed: seeds every random choice (which frame of a clip, which caption).
+        frame_index: use this frame of every clip instead of a seeded choice.
+        sam_model: optional ``transformers.SamModel`` that turns box prompts into masks where the
+            release has no masks.
+        sam_processor: the matching ``transformers.SamProcessor``.
+        streaming: return an ``IterableDataset`` that reads lazily.
+        **kwargs: dataset-specific options: ``layout`` and ``bbox_resolution`` (FlintstonesSV and
+            PororoSV; the layout is detected from the files by default), ``caption_index`` (PororoSV),
+            ``num_stories`` (all) and ``cache_dir`` (the Arrow cache of ``datasets``; FlintstonesSV and
+            PororoSV).
+
+    Raises:
+        ValueError: unknown dataset name or split (the message lists the valid ones).
+        FileNotFoundError: a release file is missing (the message names it and the expected layout).
+    """
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    if key not in _NAME_ALIASES:
+        raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}.")
+    key = _NAME_ALIASES[key]
+    split = normalize_split(split)
+    if key == "synthsv":
+        from .synthsv import load_synthsv
+
+        return load_synthsv(
+            split=split,
+            frames_per_story=frames_per_story,
+            referential=referential,
+            seed=seed,
+            streaming=streaming,
+            **kwargs,
+        )
+    common = {
+        "split": split,
+        "frames_per_story": frames_per_story,
+        "referential": referential,
+        "referential_compat": referential_compat,
+        "seed": seed,
+        "frame_index": frame_index,
+        "sam_model": sam_model,
+        "sam_processor": sam_processor,
+        "streaming": streaming,
+    }
+    if data_dir is None:
+        raise ValueError(
+            f"{key!r} needs `data_dir`: the folder of its downloaded release (the package downloads nothing)."
+        )
+    if key == "flintstones":
+        from .flintstones import load_flintstones
+
+        return load_flintstones(data_dir, **common, **kwargs)
+    from .pororo import load_pororo
+
+    return load_pororo(data_dir, **common, **kwargs)
