@@ -28,6 +28,7 @@ __all__ = [
     "DATASET_NAMES",
     "STORY_COLUMNS",
     "CharLDMCollator",
+    "StoryGPTVCollator",
     "load_flintstones",
     "load_pororo",
     "load_story_dataset",
@@ -39,6 +40,7 @@ __all__ = [
 
 _LAZY = {
     "CharLDMCollator": ".collators",
+    "StoryGPTVCollator": ".collators_story",
     "story_frames": ".collators",
     "load_flintstones": ".flintstones",
     "load_pororo": ".pororo",

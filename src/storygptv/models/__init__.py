@@ -1,5 +1,48 @@
 """Models: the character fuser (stage 1), the LDM mapper and the story language model (stage 2)."""
 
+from .configuration_storygptv import LOSS_WEIGHT_PRESETS, StoryGPTVConfig
 from .fuser import CharacterFuser, FusedPromptOutput, encode_fused_prompt
+from .mapper import StoryLDMMapper
+from .modeling_storygptv import (
+    StoryFrame,
+    StoryGPTVForConditionalGeneration,
+    StoryGPTVOutput,
+    StoryGPTVPreTrainedModel,
+    StoryState,
+)
+from .story_inputs import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER_TOKEN,
+    StoryTokens,
+    add_story_special_tokens,
+    build_story_sequence,
+    build_story_sequence_from_text,
+    encode_caption,
+    history_segment,
+    img_token_strings,
+    target_segment,
+)
 
-__all__ = ["CharacterFuser", "FusedPromptOutput", "encode_fused_prompt"]
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER_TOKEN",
+    "LOSS_WEIGHT_PRESETS",
+    "CharacterFuser",
+    "FusedPromptOutput",
+    "StoryFrame",
+    "StoryGPTVConfig",
+    "StoryGPTVForConditionalGeneration",
+    "StoryGPTVOutput",
+    "StoryGPTVPreTrainedModel",
+    "StoryLDMMapper",
+    "StoryState",
+    "StoryTokens",
+    "add_story_special_tokens",
+    "build_story_sequence",
+    "build_story_sequence_from_text",
+    "encode_caption",
+    "encode_fused_prompt",
+    "history_segment",
+    "img_token_strings",
+    "target_segment",
+]

@@ -15,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 
 from ..models.fuser import CharacterFuser, FusedPromptOutput, encode_fused_prompt, encode_text
@@ -127,6 +128,7 @@ class CharLDMPipeline(DiffusionPipeline):
         characters: Mapping[str, Any] | list[Mapping[str, Any] | None] | None = None,
         max_characters: int | None = None,
         device: torch.device | None = None,
+        warn: bool = True,
     ) -> FusedPromptOutput:
         """Fused and plain caption embeddings of ``prompt`` (see :func:`storygptv.encode_fused_prompt`)."""
         return encode_fused_prompt(
@@ -139,6 +141,7 @@ class CharLDMPipeline(DiffusionPipeline):
             feature_extractor=self.feature_extractor,
             max_characters=max_characters,
             device=device or self._execution_device,
+            warn=warn,
         )
 
     def encode_prompt(
@@ -277,6 +280,7 @@ class CharLDMPipeline(DiffusionPipeline):
         device: torch.device,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        show_progress: bool = True,
     ) -> torch.Tensor:
         """Run the sampler with delayed conditioning and return the final latents.
 
@@ -287,7 +291,12 @@ class CharLDMPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        bar = (
+            self.progress_bar(total=len(timesteps))
+            if show_progress
+            else tqdm(total=len(timesteps), disable=True)
+        )
+        with bar as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue

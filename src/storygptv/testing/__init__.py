@@ -6,6 +6,19 @@ and the save/load formats are those of the real models.
 """
 
 from .char_ldm import tiny_char_ldm_components, tiny_unet, tiny_vae
+from .story_model import tiny_story_model, tiny_story_model_config, tiny_story_tokenizer, tiny_text_config
+from .storygptv import tiny_storygptv_components
 from .tokenizers import DEFAULT_CORPUS, build_bpe_tokenizer
 
-__all__ = ["DEFAULT_CORPUS", "build_bpe_tokenizer", "tiny_char_ldm_components", "tiny_unet", "tiny_vae"]
+__all__ = [
+    "DEFAULT_CORPUS",
+    "build_bpe_tokenizer",
+    "tiny_char_ldm_components",
+    "tiny_story_model",
+    "tiny_story_model_config",
+    "tiny_story_tokenizer",
+    "tiny_storygptv_components",
+    "tiny_text_config",
+    "tiny_unet",
+    "tiny_vae",
+]

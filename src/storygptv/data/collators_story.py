@@ -1,0 +1,164 @@
+"""Stage-2 (LLM alignment) training collator of StoryGPT-V.
+
+Each row is one story in the common story schema, with precomputed embeddings:
+
+=========================  ==========================================================================
+key                        content
+=========================  ==========================================================================
+``captions``               list of n original captions (str), one per frame
+``referential_captions``   list of n referential ("-ref") captions; optional, falls back to ``captions``
+``image_embeds``           n CLIP image embeddings (each ``vision_embed_dim`` numbers: list, array or
+                           tensor; or one (n, vision_embed_dim) array / tensor)
+``target_conditioning``    n conditioning targets (each ``ldm_seq_len x ldm_hidden_size``): the stage-1
+                           (Char-LDM) embedding of the frame's **original, non-referential** caption
+=========================  ==========================================================================
+
+For each row a target frame t is chosen (``target_frame="random"``: uniform over 1..n-1, frame 0 is never a
+target unless the story has one frame; an int: that frame, negative ints count from the end). The sequence
+is built by :func:`storygptv.models.story_inputs.build_story_sequence` from the referential captions of frames
+0..t-1 (with their image embeddings) and the referential caption of frame t; ``target_conditioning`` is the
+row's entry for frame t. Old frames that do not fit ``max_length`` are dropped (their embeddings too).
+
+Example:
+    >>> from storygptv.testing.story_model import tiny_story_model
+    >>> model, tok = tiny_story_model()
+    >>> collator = StoryGPTVCollator(tok, model.config, target_frame=-1)
+    >>> row = {"captions": ["Fred is here.", "Fred talks."], "referential_captions": ["Fred is here.", "He talks."],
+    ...        "image_embeds": torch.randn(2, 32), "target_conditioning": torch.randn(2, 77, 32)}
+    >>> batch = collator([row])
+    >>> batch["image_embeds"].shape, batch["target_frame"].tolist()
+    (torch.Size([1, 32]), [1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..models.story_inputs import IGNORE_INDEX, StoryTokens, build_story_sequence, encode_caption
+
+__all__ = ["StoryGPTVCollator"]
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float()
+    if isinstance(value, Sequence) and value and isinstance(value[0], torch.Tensor):
+        return torch.stack([v.detach().float() for v in value])
+    return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
+class StoryGPTVCollator:
+    """Turn story rows into a stage-2 training batch for ``StoryGPTVForConditionalGeneration``.
+
+    Args:
+        tokenizer: the LLM tokenizer with the story special tokens (``from_language_model`` adds them).
+        config: the model's ``StoryGPTVConfig`` (layout ids, m, R, ``label_scope``, sizes).
+        max_length: maximum sequence length (160 in the paper); oldest frames are dropped first.
+        target_frame: ``"random"`` or a fixed frame index.
+        seed: seed of the collator's own random generator (``"random"`` targets); None: nondeterministic.
+        label_scope: overrides ``config.label_scope`` (``"all"`` captions or only the ``"target"`` caption).
+        pad_to_multiple_of: pad the sequence length up to a multiple of this.
+
+    Returns (``__call__``) a dict with ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, L),
+    ``image_embeds`` (num_images, vision_embed_dim) in placeholder order, ``target_conditioning``
+    (B, ldm_seq_len, ldm_hidden_size) and ``target_frame`` (B,).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: Any,
+        max_length: int | None = 160,
+        target_frame: Literal["random"] | int = "random",
+        seed: int | None = None,
+        label_scope: Literal["all", "target"] | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        if not (target_frame == "random" or isinstance(target_frame, int)):
+            raise ValueError(f"`target_frame` must be 'random' or an int, got {target_frame!r}.")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_length = max_length
+        self.target_frame = target_frame
+        self.rng = np.random.default_rng(seed)
+        self.label_scope = label_scope or getattr(config, "label_scope", "all")
+        self.pad_to_multiple_of = pad_to_multiple_of
+        try:
+            self.tokens = StoryTokens.from_config(config)
+        except ValueError:
+            self.tokens = StoryTokens.from_tokenizer(
+                tokenizer, config.num_visual_tokens, config.num_img_tokens
+            )
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an eos token to pad with.")
+
+    def choose_target(self, num_frames: int) -> int:
+        """The target frame of a story of ``num_frames`` frames."""
+        if num_frames < 1:
+            raise ValueError("A story needs at least one frame.")
+        if self.target_frame == "random":
+            return 0 if num_frames == 1 else int(self.rng.integers(1, num_frames))
+        t = self.target_frame + num_frames if self.target_frame < 0 else self.target_frame
+        if not 0 <= t < num_frames:
+            raise ValueError(
+                f"`target_frame` {self.target_frame} is out of range for a story of {num_frames} frames."
+            )
+        return t
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, labels, images, targets, chosen = [], [], [], [], []
+        for i, row in enumerate(rows):
+            for key in ("captions", "image_embeds", "target_conditioning"):
+                if key not in row:
+                    raise KeyError(f"Story row {i} lacks the key {key!r} (has {sorted(row)}).")
+            captions = list(row["captions"])
+            ref = list(row.get("referential_captions") or captions)
+            n = len(captions)
+            if len(ref) != n:
+                raise ValueError(f"Row {i}: {len(ref)} referential captions for {n} captions.")
+            embeds = _as_tensor(row["image_embeds"]).reshape(-1, self.config.vision_embed_dim)
+            conds = row["target_conditioning"]
+            if embeds.shape[0] != n or len(conds) != n:
+                raise ValueError(
+                    f"Row {i}: {n} captions but {embeds.shape[0]} image embeddings and {len(conds)} "
+                    "target conditionings."
+                )
+            t = self.choose_target(n)
+            seq = build_story_sequence(
+                self.tokens,
+                [encode_caption(self.tokenizer, c) for c in ref[:t]],
+                encode_caption(self.tokenizer, ref[t]),
+                max_length=self.max_length,
+                label_scope=self.label_scope,
+            )
+            input_ids.append(seq.input_ids)
+            labels.append(seq.labels)
+            images.extend(embeds[j] for j in seq.context_frames)
+            targets.append(_as_tensor(conds[t]))
+            chosen.append(t)
+
+        length = max(len(ids) for ids in input_ids)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        batch_labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, lab) in enumerate(zip(input_ids, labels)):
+            batch_ids[b, : len(ids)] = torch.tensor(ids)
+            batch_labels[b, : len(lab)] = torch.tensor(lab)
+            attention[b, : len(ids)] = 1
+        vision_dim = self.config.vision_embed_dim
+        return {
+            "input_ids": batch_ids,
+            "attention_mask": attention,
+            "labels": batch_labels,
+            "image_embeds": torch.stack(images) if images else torch.zeros(0, vision_dim),
+            "target_conditioning": torch.stack(targets),
+            "target_frame": torch.tensor(chosen, dtype=torch.long),
+        }

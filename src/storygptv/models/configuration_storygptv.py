@@ -1,0 +1,152 @@
+"""Configuration of the StoryGPT-V stage-2 model (LLM + visual input projection + ``[IMG]`` tokens + LDM mapper)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+__all__ = ["LOSS_WEIGHT_PRESETS", "StoryGPTVConfig"]
+
+#: Named stage-2 loss weightings (method notes section 8.1, row 1).
+#:
+#: - ``"paper"``: L_gen + L_align, both 1.0 (the paper gives no weights, so a plain sum).
+#: - ``"reference_v1"``: 0.5 * CE + 1.0 * align (the public code, v1 script).
+#: - ``"reference_v2"``: 0.5 * CE, alignment logged but not added (the public code's v2 script, which adds
+#:   L_img in the trainer instead).
+LOSS_WEIGHT_PRESETS: dict[str, dict[str, float]] = {
+    "paper": {"gen": 1.0, "align": 1.0},
+    "reference_v1": {"gen": 0.5, "align": 1.0},
+    "reference_v2": {"gen": 0.5, "align": 0.0},
+}
+
+
+@strict
+class StoryGPTVConfig(PreTrainedConfig):
+    r"""Configuration of :class:`~storygptv.models.modeling_storygptv.StoryGPTVForConditionalGeneration`.
+
+    Args:
+        text_config: the causal LM, as a config or a dict with ``model_type`` (default: OPT). Any
+            ``AutoModelForCausalLM`` architecture works (OPT, Llama, GPT-2, SmolLM, ...).
+        vision_embed_dim: width of the image embedding fed to the LLM (CLIP ViT-L/14 ``pooler_output``: 1024).
+        num_visual_tokens: m, LLM tokens per image (4).
+        num_img_tokens: R, number of ``[IMG]`` tokens (8).
+        img_token_ids: the R ids of ``[IMG0]..[IMG{R-1}]`` in the tokenizer (set by ``from_language_model``).
+        image_token_id: the placeholder id (``<|image|>``) marking the m visual positions of each image.
+        story_bos_token_id: id put once at the start of a story sequence (None: no BOS).
+        image_prefix_ids / caption_prefix_ids / target_suffix_ids: token ids of the layout markers
+            ``"Image:"``, ``" Caption:"`` and ``" Image:"`` (see :mod:`storygptv.models.story_inputs`); they let
+            the model run the KV-cached story API without a tokenizer.
+        mapper_hidden_size, mapper_num_heads, mapper_num_encoder_layers, mapper_num_decoder_layers,
+        mapper_ffn_dim, mapper_dropout, mapper_norm_first: the LDM mapper (paper: 512, 4, 4, 4, 2048, 0, True).
+        ldm_seq_len: number of learned mapper queries, i.e. the conditioning length (77).
+        ldm_hidden_size: conditioning width (768 for SD-1.5).
+        align_loss: ``"mse"`` (paper, mean over all elements) or ``"l2"`` (GILL: per-token L2 norm of the
+            difference, averaged over tokens and batch).
+        loss_weights: ``{"gen": w, "align": w}`` or the name of a preset in :data:`LOSS_WEIGHT_PRESETS`
+            (``"paper"`` = both 1.0, the default; ``"reference_v1"`` = 0.5 / 1.0; ``"reference_v2"`` = 0.5 / 0.0).
+        label_scope: which captions carry CE labels in training sequences: ``"all"`` (every caption of the
+            interleaved story plus ``[IMG0]``, as in the reference) or ``"target"`` (only the target caption and
+            ``[IMG0]``).
+        freeze_language_model: freeze the LLM (only the ``[IMG]`` rows of its embedding / untied head train).
+        lora_rank: LoRA rank on the LLM (0 = off). The adapters are injected at construction, so their weights
+            live in ``model.safetensors``.
+        lora_alpha, lora_dropout: LoRA scaling and dropout.
+        lora_target_modules: module names to adapt (None: peft's default for the LLM's ``model_type``).
+        max_context_tokens: LLM token budget of the story context (None: ``text_config.max_position_embeddings``
+            when the LLM has one, else unlimited).
+        initializer_range: std of the normal init of the new layers.
+
+    Example:
+        >>> cfg = StoryGPTVConfig(text_config={"model_type": "llama", "hidden_size": 64,
+        ...                                    "intermediate_size": 128, "num_hidden_layers": 2,
+        ...                                    "num_attention_heads": 4, "num_key_value_heads": 2},
+        ...                       loss_weights="reference_v1")
+        >>> cfg.loss_weights
+        {'gen': 0.5, 'align': 1.0}
+    """
+
+    model_type = "storygptv"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt"),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_embed_dim: int = 1024
+    num_visual_tokens: int = 4
+    num_img_tokens: int = 8
+    img_token_ids: list[int] | None = None
+    image_token_id: int | None = None
+    story_bos_token_id: int | None = None
+    image_prefix_ids: list[int] | None = None
+    caption_prefix_ids: list[int] | None = None
+    target_suffix_ids: list[int] | None = None
+    mapper_hidden_size: int = 512
+    mapper_num_heads: int = 4
+    mapper_num_encoder_layers: int = 4
+    mapper_num_decoder_layers: int = 4
+    mapper_ffn_dim: int = 2048
+    mapper_dropout: float = 0.0
+    mapper_norm_first: bool = True
+    ldm_seq_len: int = 77
+    ldm_hidden_size: int = 768
+    align_loss: Literal["mse", "l2"] = "mse"
+    loss_weights: dict[str, float] | str | None = None
+    label_scope: Literal["all", "target"] = "all"
+    freeze_language_model: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    max_context_tokens: int | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        # Follow the LLM's own tie (as Llava does): the wrapper exposes the LLM's embeddings.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        if isinstance(self.loss_weights, str):
+            if self.loss_weights not in LOSS_WEIGHT_PRESETS:
+                raise ValueError(
+                    f"Unknown loss-weight preset {self.loss_weights!r}; choose one of {sorted(LOSS_WEIGHT_PRESETS)}."
+                )
+            self.loss_weights = dict(LOSS_WEIGHT_PRESETS[self.loss_weights])
+        elif self.loss_weights is None:
+            self.loss_weights = dict(LOSS_WEIGHT_PRESETS["paper"])
+        else:
+            unknown = set(self.loss_weights) - {"gen", "align"}
+            if unknown:
+                raise ValueError(
+                    f"`loss_weights` keys must be 'gen' and/or 'align', got unknown {sorted(unknown)}."
+                )
+            self.loss_weights = {
+                "gen": 1.0,
+                "align": 1.0,
+                **{k: float(v) for k, v in self.loss_weights.items()},
+            }
+        if self.num_visual_tokens < 1 or self.num_img_tokens < 1:
+            raise ValueError(
+                f"`num_visual_tokens` ({self.num_visual_tokens}) and `num_img_tokens` ({self.num_img_tokens}) "
+                "must both be >= 1."
+            )
+        if self.img_token_ids is not None and len(self.img_token_ids) != self.num_img_tokens:
+            raise ValueError(
+                f"`img_token_ids` has {len(self.img_token_ids)} ids but `num_img_tokens` is {self.num_img_tokens}."
+            )
+        if self.mapper_hidden_size % self.mapper_num_heads != 0:
+            raise ValueError(
+                f"`mapper_hidden_size` ({self.mapper_hidden_size}) must be divisible by `mapper_num_heads` "
+                f"({self.mapper_num_heads})."
+            )
+        if self.lora_rank < 0:
+            raise ValueError(f"`lora_rank` must be >= 0, got {self.lora_rank}.")
+
+    @property
+    def context_token_budget(self) -> int | None:
+        """The effective LLM context budget: ``max_context_tokens`` or the LLM's ``max_position_embeddings``."""
+        if self.max_context_tokens is not None:
+            return self.max_context_tokens
+        return getattr(self.text_config, "max_position_embeddings", None)

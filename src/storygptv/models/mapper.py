@@ -1,0 +1,96 @@
+"""The LDM mapper of StoryGPT-V stage 2 (GILL-style "GenCap" translator).
+
+It turns the R ``[IMG]`` token representations of the LLM into the 77 x 768 conditioning sequence that the
+(Char-)LDM cross-attends to:
+
+    x (B, R, in_dim) -> Linear(in_dim -> d_model) -> nn.Transformer encoder (the R tokens)
+    77 learned queries -> nn.Transformer decoder (cross-attending to the encoded tokens)
+    -> Linear(d_model -> ldm_hidden_size) -> (B, 77, ldm_hidden_size)
+
+The paper's sizes are d_model 512, 4 heads, 4 encoder + 4 decoder layers, feed-forward 2048, dropout 0 and
+pre-norm blocks. The module is a plain ``nn.Module``; it is owned by
+:class:`~storygptv.models.modeling_storygptv.StoryGPTVForConditionalGeneration` as ``ldm_mapper`` and saved
+inside its ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["StoryLDMMapper"]
+
+
+class StoryLDMMapper(nn.Module):
+    """Map ``[IMG]`` token features to an LDM text-conditioning sequence.
+
+    Args:
+        in_dim: width of the incoming token features (the LLM input-embedding width).
+        d_model: the transformer width.
+        num_heads: attention heads of every block.
+        num_encoder_layers: encoder blocks (over the R ``[IMG]`` tokens).
+        num_decoder_layers: decoder blocks (over the learned queries).
+        ffn_dim: feed-forward width.
+        num_queries: number of learned queries, i.e. the output length (77 for CLIP text conditioning).
+        out_dim: output width (768 for SD-1.5).
+        dropout: dropout of every block (0 in the paper).
+        norm_first: pre-norm blocks (True in the paper).
+
+    Example:
+        >>> import torch
+        >>> mapper = StoryLDMMapper(in_dim=64, d_model=32, num_heads=2, num_encoder_layers=1,
+        ...                         num_decoder_layers=1, ffn_dim=64, num_queries=77, out_dim=48)
+        >>> mapper(torch.randn(2, 8, 64)).shape
+        torch.Size([2, 77, 48])
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        d_model: int = 512,
+        num_heads: int = 4,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        ffn_dim: int = 2048,
+        num_queries: int = 77,
+        out_dim: int = 768,
+        dropout: float = 0.0,
+        norm_first: bool = True,
+    ) -> None:
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads}).")
+        self.in_dim, self.d_model, self.num_queries, self.out_dim = in_dim, d_model, num_queries, out_dim
+        self.in_proj = nn.Linear(in_dim, d_model)
+        # The encoder is built explicitly only to switch off the nested-tensor fast path, which pre-norm
+        # layers cannot use anyway (nn.Transformer would warn about it); the maths is nn.Transformer's.
+        encoder_layer = nn.TransformerEncoderLayer(
+            d_model, num_heads, ffn_dim, dropout, batch_first=True, norm_first=norm_first
+        )
+        encoder = nn.TransformerEncoder(
+            encoder_layer, num_encoder_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False
+        )
+        self.transformer = nn.Transformer(
+            d_model=d_model,
+            nhead=num_heads,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            dim_feedforward=ffn_dim,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=norm_first,
+            custom_encoder=encoder,
+        )
+        self.queries = nn.Parameter(torch.zeros(1, num_queries, d_model))
+        self.out_proj = nn.Linear(d_model, out_dim)
+        nn.init.normal_(self.queries, std=0.02)
+
+    def forward(self, img_features: torch.Tensor) -> torch.Tensor:
+        """Map ``img_features`` (B, R, in_dim) to (B, num_queries, out_dim)."""
+        if img_features.ndim != 3 or img_features.shape[-1] != self.in_dim:
+            raise ValueError(
+                f"`img_features` must have shape (batch, num_img_tokens, {self.in_dim}), got {tuple(img_features.shape)}."
+            )
+        x = self.in_proj(img_features.to(self.in_proj.weight.dtype))
+        queries = self.queries.expand(x.shape[0], -1, -1)
+        return self.out_proj(self.transformer(x, queries))

@@ -1,0 +1,882 @@
+"""StoryGPT-V stage 2: a (frozen) causal LLM that reads an interleaved story and maps ``[IMG]`` tokens to LDM
+conditioning.
+
+Components (method notes section 3.1):
+
+- ``language_model``: any ``AutoModelForCausalLM`` (OPT by default), frozen; optional LoRA adapters.
+- ``visual_projection``: Linear(vision_embed_dim -> m * embed_dim). A CLIP image embedding becomes m LLM input
+  embeddings, scattered into the m placeholder positions (``image_token_id``) of ``input_ids``.
+- R ``[IMG]`` tokens: rows of the LLM embedding matrix; a gradient row mask keeps every other row frozen (and
+  likewise the ``[IMG]`` rows of an untied output head).
+- ``ldm_mapper``: :class:`~storygptv.models.mapper.StoryLDMMapper`, fed with the last-layer hidden states **plus**
+  the input embeddings at the R ``[IMG]`` positions; outputs (B, 77, ldm_hidden_size).
+
+Training uses :meth:`StoryGPTVForConditionalGeneration.forward` on sequences laid out by
+:mod:`storygptv.models.story_inputs`. Inference over a story uses the KV-cached API::
+
+    state = model.start_story(batch_size=1, context_window=None)
+    for frame in story:
+        cond = model.next_frame_conditioning(state, caption_ids)   # (B, 77, ldm_hidden_size), not committed
+        image = ldm(cond) ...
+        model.append_frame(state, clip_image_embeds, caption_ids)   # commits "Image: <v>*m Caption: c"
+"""
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_storygptv import StoryGPTVConfig
+from .mapper import StoryLDMMapper
+from .story_inputs import (
+    StoryTokens,
+    add_story_special_tokens,
+    encode_caption,
+    history_segment,
+    target_segment,
+)
+
+__all__ = [
+    "StoryFrame",
+    "StoryGPTVForConditionalGeneration",
+    "StoryGPTVOutput",
+    "StoryGPTVPreTrainedModel",
+    "StoryState",
+]
+
+
+@dataclass
+class StoryGPTVOutput(ModelOutput):
+    """Output of :meth:`StoryGPTVForConditionalGeneration.forward`.
+
+    Attributes:
+        loss: ``w_gen * gen_loss + w_align * align_loss`` over the terms that could be computed (None if none).
+        gen_loss: L_gen, shifted cross-entropy over the labelled tokens (captions and ``[IMG0]``).
+        align_loss: L_align between ``conditioning`` and ``target_conditioning`` (``"mse"`` or ``"l2"``); reported
+            even when its weight is 0.
+        logits: (B, L, vocab) LM logits.
+        conditioning: (B, ldm_seq_len, ldm_hidden_size) mapper output from the ``[IMG]`` tokens (None when the
+            sequences hold no ``[IMG]`` tokens); a trainer can feed it to the frozen LDM for L_img.
+        img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
+        past_key_values: the LLM cache when ``use_cache``.
+        hidden_states / attentions: the LLM's, when requested.
+    """
+
+    loss: torch.FloatTensor | None = None
+    gen_loss: torch.FloatTensor | None = None
+    align_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    conditioning: torch.FloatTensor | None = None
+    img_hidden_states: torch.FloatTensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class StoryFrame:
+    """A committed story frame kept in a :class:`StoryState` (for cache rebuilds).
+
+    Attributes:
+        caption_ids: caption token ids per batch element (equal lengths).
+        image_embeds: (B, vision_embed_dim) CLIP image embeddings of the frame.
+        index: position of the frame in the story (0-based).
+    """
+
+    caption_ids: list[list[int]]
+    image_embeds: torch.Tensor
+    index: int
+
+    def num_tokens(self, tokens: StoryTokens) -> int:
+        return tokens.history_length(len(self.caption_ids[0]))
+
+
+@dataclass
+class StoryState:
+    """Per-story state of the KV-cached conditioning API, carried from frame to frame.
+
+    Create it with :meth:`StoryGPTVForConditionalGeneration.start_story`; never share one between stories.
+
+    Attributes:
+        batch_size: stories processed in parallel (their captions must have equal token lengths).
+        context_window: keep only the last k committed frames in the LLM context (None: the whole story).
+        tokens: the layout token ids.
+        tokenizer: optional tokenizer, used when captions are passed as strings.
+        frames: the committed frames currently in the LLM context, oldest first.
+        cache: the ``DynamicCache`` over BOS + ``frames`` (None before the first LLM call).
+        cache_length: tokens in ``cache``.
+        num_frames_committed: frames appended so far (including those since dropped).
+        num_frames_dropped: frames that left the context (window or token budget).
+        num_rebuilds: times the cache was rebuilt from the retained frames.
+        llm_tokens_total: tokens the LLM has processed for this story (all calls, rebuilds included).
+        llm_tokens_per_frame: tokens the LLM processed for each committed frame: the frame's own
+            ``append_frame`` call plus every call made since the previous commit (conditioning, rebuilds).
+        last_call_tokens: tokens processed by the latest call.
+    """
+
+    batch_size: int
+    context_window: int | None
+    tokens: StoryTokens
+    tokenizer: Any = None
+    frames: list[StoryFrame] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    cache_length: int = 0
+    num_frames_committed: int = 0
+    num_frames_dropped: int = 0
+    num_rebuilds: int = 0
+    llm_tokens_total: int = 0
+    llm_tokens_per_frame: list[int] = field(default_factory=list)
+    last_call_tokens: int = 0
+    _pending_tokens: int = 0
+
+    def _count(self, n: int) -> None:
+        self.llm_tokens_total += n
+        self._pending_tokens += n
+
+
+class StoryGPTVPreTrainedModel(PreTrainedModel):
+    """Base class: config class, weight init of the new layers, capability flags."""
+
+    config: StoryGPTVConfig
+    base_model_prefix = "language_model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["StoryLDMMapper"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, StoryLDMMapper):
+            init.normal_(module.queries, mean=0.0, std=self.config.initializer_range)
+
+
+class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixin):
+    """StoryGPT-V stage-2 model (LLM + visual projection + ``[IMG]`` tokens + LDM mapper).
+
+    Args:
+        config: the model configuration.
+        language_model: an already built causal LM to wrap instead of a random one from ``config.text_config``
+            (used by :meth:`from_language_model`; its weights are left untouched).
+
+    Example:
+        >>> from storygptv.testing.story_model import tiny_story_model
+        >>> model, tok = tiny_story_model()
+        >>> state = model.start_story(tokenizer=tok)  # the tokenizer only lets captions be passed as text
+        >>> cond = model.next_frame_conditioning(state, "Fred is in the yard.")
+        >>> cond.shape
+        torch.Size([1, 77, 32])
+        >>> model.append_frame(state, torch.randn(1, 32), "Fred is in the yard.")
+    """
+
+    def __init__(self, config: StoryGPTVConfig, language_model: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            # Weights of a pretrained LLM must survive `post_init`.
+            for module in language_model.modules():
+                module._is_hf_initialized = True
+        self.language_model = language_model
+        if config.lora_rank > 0:
+            self._inject_lora()
+        embed_dim = self.language_model.get_input_embeddings().weight.shape[1]
+        self.visual_projection = nn.Linear(config.vision_embed_dim, config.num_visual_tokens * embed_dim)
+        self.ldm_mapper = StoryLDMMapper(
+            in_dim=embed_dim,
+            d_model=config.mapper_hidden_size,
+            num_heads=config.mapper_num_heads,
+            num_encoder_layers=config.mapper_num_encoder_layers,
+            num_decoder_layers=config.mapper_num_decoder_layers,
+            ffn_dim=config.mapper_ffn_dim,
+            num_queries=config.ldm_seq_len,
+            out_dim=config.ldm_hidden_size,
+            dropout=config.mapper_dropout,
+            norm_first=config.mapper_norm_first,
+        )
+        self._grad_mask_handles: list[Any] = []
+        self._grad_masked_params: list[int] = []
+        self._llm_frozen = False
+        self.post_init()
+        if config.freeze_language_model:
+            self.freeze_language_model()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = self.config
+        targets = cfg.lora_target_modules
+        if targets is None:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+            model_type = cfg.text_config.model_type
+            targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+            if targets is None:
+                raise ValueError(
+                    f"peft has no default LoRA target modules for model_type {model_type!r}; set "
+                    "`lora_target_modules` in the config."
+                )
+        lora_config = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(targets),
+            bias="none",
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. GPT-2 Conv1D fan_in_fan_out notice
+            inject_adapter_in_model(lora_config, self.language_model)
+        # peft initialises the adapters (lora_B = 0); keep `post_init` from re-drawing them.
+        for name, module in self.language_model.named_modules():
+            if "lora_" in name:
+                for sub in module.modules():
+                    sub._is_hf_initialized = True
+
+    @classmethod
+    def from_language_model(
+        cls,
+        language_model: str | os.PathLike | PreTrainedModel,
+        tokenizer: Any = None,
+        config_overrides: dict[str, Any] | None = None,
+        **from_pretrained_kwargs: Any,
+    ) -> tuple["StoryGPTVForConditionalGeneration", Any]:
+        """Build a StoryGPT-V model around a pretrained causal LM and its tokenizer.
+
+        Adds ``<|image|>`` and ``[IMG0]..[IMG{R-1}]`` to the tokenizer (in place), resizes the LLM embeddings
+        when needed (``mean_resizing=False``), records every layout id in the config and returns
+        ``(model, tokenizer)``. The visual projection and the mapper are freshly initialised.
+
+        Args:
+            language_model: a Hub id / local folder (loaded with ``AutoModelForCausalLM.from_pretrained``) or a
+                model instance.
+            tokenizer: the LLM tokenizer (loaded with ``AutoTokenizer`` from ``language_model`` when None and a
+                path was given).
+            config_overrides: ``StoryGPTVConfig`` fields (e.g. ``{"vision_embed_dim": 1024, "lora_rank": 8}``).
+            **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ...).
+
+        Example:
+            >>> model, tok = StoryGPTVForConditionalGeneration.from_language_model(
+            ...     "facebook/opt-6.7b", config_overrides={"vision_embed_dim": 1024}, dtype=torch.float16
+            ... )  # doctest: +SKIP
+        """
+        overrides = dict(config_overrides or {})
+        if isinstance(language_model, (str, os.PathLike)):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(language_model)
+            language_model = AutoModelForCausalLM.from_pretrained(language_model, **from_pretrained_kwargs)
+        elif from_pretrained_kwargs:
+            raise TypeError(
+                f"Loading kwargs {sorted(from_pretrained_kwargs)} were given with an already built model."
+            )
+        if tokenizer is None:
+            raise ValueError("A tokenizer is required when `language_model` is a model instance.")
+        num_img = int(overrides.get("num_img_tokens", 8))
+        num_visual = int(overrides.get("num_visual_tokens", 4))
+        add_story_special_tokens(tokenizer, num_img)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+            language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        tokens = StoryTokens.from_tokenizer(tokenizer, num_visual_tokens=num_visual, num_img_tokens=num_img)
+        kwargs = {**tokens.to_config_kwargs(), **overrides}
+        config = StoryGPTVConfig(text_config=language_model.config, **kwargs)
+        model = cls(config, language_model=language_model)
+        return model, tokenizer
+
+    # ------------------------------------------------------------------ embeddings / freezing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def _llm_body(self) -> nn.Module:
+        lm = self.language_model
+        return getattr(lm, lm.base_model_prefix)
+
+    @property
+    def has_untied_output_head(self) -> bool:
+        """Whether the LLM output head has its own weight (e.g. Llama) instead of sharing the input embedding."""
+        head = self.get_output_embeddings()
+        return head is not None and head.weight is not self.get_input_embeddings().weight
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        out = super().resize_token_embeddings(*args, **kwargs)
+        self._refresh_trainable_rows()
+        return out
+
+    def freeze_language_model(self, freeze: bool = True) -> None:
+        """Freeze (or unfreeze) the LLM. Frozen: only LoRA adapters and the ``[IMG]`` embedding rows (plus the
+        ``[IMG]`` rows of an untied output head) receive gradients; the row mask is installed here."""
+        self._llm_frozen = freeze
+        for name, param in self.language_model.named_parameters():
+            param.requires_grad_((not freeze) or "lora_" in name)
+        self._refresh_trainable_rows()
+
+    def _img_row_weights(self) -> list[nn.Parameter]:
+        weights = [self.get_input_embeddings().weight]
+        head = self.get_output_embeddings()
+        if head is not None and head.weight is not weights[0]:
+            weights.append(head.weight)
+        return weights
+
+    def _refresh_trainable_rows(self) -> None:
+        for handle in self._grad_mask_handles:
+            handle.remove()
+        self._grad_mask_handles, self._grad_masked_params = [], []
+        if not self._llm_frozen or not self.config.img_token_ids:
+            return
+        for weight in self._img_row_weights():
+            mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool)
+            mask[self.config.img_token_ids] = True
+            weight.requires_grad_(True)
+
+            def _hook(grad: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+                return grad * mask.to(device=grad.device, dtype=grad.dtype)
+
+            self._grad_mask_handles.append(weight.register_hook(_hook))
+            self._grad_masked_params.append(id(weight))
+
+    def _ensure_trainable_rows(self) -> None:
+        # Parameters can be swapped under us (loading, resizing, `.to(meta)` tricks): re-attach the row mask.
+        if self._llm_frozen and [id(w) for w in self._img_row_weights()] != self._grad_masked_params:
+            self.freeze_language_model(True)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "StoryGPTVForConditionalGeneration":
+        model = super().from_pretrained(*args, **kwargs)
+        if isinstance(model, tuple):  # output_loading_info=True
+            model[0]._reapply_freezing()
+        else:
+            model._reapply_freezing()
+        return model
+
+    def _reapply_freezing(self) -> None:
+        self._realign_cpu_tensors()
+        if self.config.freeze_language_model:
+            self.freeze_language_model(True)
+
+    @torch.no_grad()
+    def _realign_cpu_tensors(self) -> None:
+        # safetensors loading can leave CPU tensors at addresses that are not 64-byte aligned; CPU kernels then
+        # take other SIMD paths and round the last bit differently. Copying them makes a loaded model compute
+        # bit-identically to the saved one (ties are kept: the Parameter objects stay the same).
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+
+    def trainable_parameter_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the trainable parameters.
+
+        The embedding matrix (and an untied head) is trainable only through the ``[IMG]`` row mask; decoupled
+        weight decay (AdamW) would still shrink its frozen rows, so these matrices always get
+        ``weight_decay=0``. Everything else trainable (visual projection, mapper, LoRA) gets ``weight_decay``.
+
+        Example:
+            >>> from storygptv.testing.story_model import tiny_story_model
+            >>> model, _ = tiny_story_model()
+            >>> opt = torch.optim.AdamW(model.trainable_parameter_groups(weight_decay=0.01), lr=1e-3)
+        """
+        row_masked = {id(w) for w in self._img_row_weights()} if self._llm_frozen else set()
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (no_decay if id(param) in row_masked else decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    @torch.no_grad()
+    def renormalize_img_embeddings(self, include_output_head: bool = False) -> None:
+        """Rescale every ``[IMG]`` input-embedding row to the mean L2 norm of the other (frozen) rows.
+
+        Call it after each optimiser step (method notes section 3.1). With ``include_output_head`` the
+        ``[IMG]`` rows of an untied output head are rescaled the same way.
+        """
+        if not self.config.img_token_ids:
+            raise ValueError("The config has no `img_token_ids`; nothing to renormalise.")
+        weights = self._img_row_weights()
+        if not include_output_head:
+            weights = weights[:1]
+        ids = torch.tensor(self.config.img_token_ids, device=weights[0].device)
+        for weight in weights:
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[ids] = False
+            target = weight[keep].float().norm(dim=-1).mean()
+            rows = weight[ids].float()
+            rows = rows * (target / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            weight[ids] = rows.to(weight.dtype)
+
+    # ------------------------------------------------------------------ forward pieces
+    def project_images(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(N, vision_embed_dim) -> (N * m, embed_dim) LLM input embeddings, in placeholder order."""
+        embed_dim = self.get_input_embeddings().weight.shape[1]
+        weight = self.visual_projection.weight
+        projected = self.visual_projection(image_embeds.to(device=weight.device, dtype=weight.dtype))
+        return projected.reshape(-1, embed_dim)
+
+    def embed_inputs(
+        self, input_ids: torch.LongTensor, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings of ``input_ids`` with the projected ``image_embeds`` scattered into the placeholders.
+
+        ``image_embeds`` is (num_images, vision_embed_dim) (or (B, n, vision_embed_dim), flattened), one row per
+        run of ``num_visual_tokens`` placeholders, in the row-major order of the placeholders in ``input_ids``.
+        """
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        placeholder = (
+            input_ids == self.config.image_token_id if self.config.image_token_id is not None else None
+        )
+        n_placeholders = int(placeholder.sum()) if placeholder is not None else 0
+        m = self.config.num_visual_tokens
+        if image_embeds is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"`input_ids` contain {n_placeholders} image placeholder tokens ({n_placeholders / m:g} images "
+                    f"of {m} tokens) but no `image_embeds` were given."
+                )
+            return inputs_embeds
+        image_embeds = image_embeds.reshape(-1, image_embeds.shape[-1])
+        if image_embeds.shape[-1] != self.config.vision_embed_dim:
+            raise ValueError(
+                f"`image_embeds` must have {self.config.vision_embed_dim} features (vision_embed_dim), got "
+                f"{image_embeds.shape[-1]}."
+            )
+        n_images = image_embeds.shape[0]
+        if n_placeholders != n_images * m:
+            raise ValueError(
+                f"Got {n_images} image embeddings (x {m} visual tokens = {n_images * m} positions) but `input_ids` "
+                f"contain {n_placeholders} image placeholder tokens (id {self.config.image_token_id})."
+            )
+        if n_images == 0:
+            return inputs_embeds
+        visual = self.project_images(image_embeds).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(placeholder.unsqueeze(-1).expand_as(inputs_embeds), visual)
+
+    def _img_positions(self, input_ids: torch.LongTensor) -> torch.Tensor | None:
+        """(B, R) positions of the ``[IMG]`` run of each row, or None when no row has ``[IMG]`` tokens."""
+        if not self.config.img_token_ids:
+            return None
+        ids = torch.tensor(self.config.img_token_ids, device=input_ids.device)
+        mask = torch.isin(input_ids, ids)
+        counts = mask.sum(-1)
+        if int(counts.sum()) == 0:
+            return None
+        R = len(self.config.img_token_ids)
+        if not bool((counts == R).all()):
+            raise ValueError(
+                f"Every sequence must hold exactly one run of the {R} [IMG] tokens; found per-row counts "
+                f"{counts.tolist()}."
+            )
+        positions = mask.nonzero()[:, 1].view(-1, R)
+        if not bool((positions[:, -1] - positions[:, 0] == R - 1).all()):
+            raise ValueError("The [IMG] tokens of a sequence must be consecutive ([IMG0]..[IMG{R-1}]).")
+        return positions
+
+    def map_img_tokens(self, img_hidden_states: torch.Tensor, img_input_embeds: torch.Tensor) -> torch.Tensor:
+        """Mapper on ``hidden + input embedding`` of the R ``[IMG]`` tokens -> (B, ldm_seq_len, ldm_hidden_size)."""
+        mapper_dtype = self.ldm_mapper.in_proj.weight.dtype
+        return self.ldm_mapper(img_hidden_states.to(mapper_dtype) + img_input_embeds.to(mapper_dtype))
+
+    def compute_align_loss(self, conditioning: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """L_align: ``"mse"`` (mean over elements) or ``"l2"`` (per-token L2 norm, mean over tokens and batch)."""
+        target = target.to(device=conditioning.device, dtype=torch.float32)
+        if target.shape != conditioning.shape:
+            raise ValueError(
+                f"`target_conditioning` has shape {tuple(target.shape)}, expected {tuple(conditioning.shape)}."
+            )
+        diff = conditioning.float() - target
+        if self.config.align_loss == "mse":
+            return diff.pow(2).mean()
+        return diff.norm(dim=-1).mean()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        target_conditioning: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        compute_logits: bool = True,
+        **kwargs: Any,
+    ) -> StoryGPTVOutput:
+        """Run the LLM over an interleaved story batch.
+
+        Args:
+            input_ids: (B, L) ids laid out by :mod:`storygptv.models.story_inputs` (right padding), with
+                ``num_visual_tokens`` placeholders per image and one run of the R ``[IMG]`` ids per row.
+            attention_mask: (B, L) padding mask.
+            image_embeds: (num_images, vision_embed_dim) CLIP embeddings in placeholder order.
+            labels: (B, L) CE labels (-100 ignored); shifted inside.
+            target_conditioning: (B, ldm_seq_len, ldm_hidden_size) alignment target.
+            inputs_embeds: precomputed input embeddings (then ``input_ids`` may still be given to locate
+                ``[IMG]`` tokens).
+            compute_logits: set False to skip the LM head (conditioning only).
+
+        Returns:
+            :class:`StoryGPTVOutput`.
+        """
+        if (input_ids is None) == (inputs_embeds is None) and inputs_embeds is None:
+            raise ValueError("Pass `input_ids` (and optionally `inputs_embeds`).")
+        if self.training:
+            self._ensure_trainable_rows()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, image_embeds)
+        out = self._llm_body()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        logits = None
+        if compute_logits or labels is not None:
+            logits = self.get_output_embeddings()(hidden)
+
+        gen_loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
+            gen_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+        conditioning = img_hidden = None
+        positions = self._img_positions(input_ids) if input_ids is not None else None
+        if positions is not None:
+            rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(-1)
+            img_hidden = hidden[rows, positions]
+            conditioning = self.map_img_tokens(img_hidden, inputs_embeds[rows, positions])
+
+        align_loss = None
+        if target_conditioning is not None:
+            if conditioning is None:
+                raise ValueError("`target_conditioning` was given but `input_ids` hold no [IMG] tokens.")
+            align_loss = self.compute_align_loss(conditioning, target_conditioning)
+
+        weights = self.config.loss_weights
+        terms = []
+        if gen_loss is not None:
+            terms.append(weights["gen"] * gen_loss)
+        if align_loss is not None:
+            terms.append(weights["align"] * align_loss)
+        loss = torch.stack(terms).sum() if terms else None
+
+        return StoryGPTVOutput(
+            loss=loss,
+            gen_loss=gen_loss,
+            align_loss=align_loss,
+            logits=logits,
+            conditioning=conditioning,
+            img_hidden_states=img_hidden,
+            past_key_values=out.past_key_values if use_cache is not False else None,
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, is_first_iteration: bool = False, **kwargs: Any
+    ) -> dict[str, Any]:
+        image_embeds = kwargs.pop("image_embeds", None)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["image_embeds"] = image_embeds
+        return model_inputs
+
+    # ------------------------------------------------------------------ KV-cached story API
+    def start_story(
+        self, batch_size: int = 1, context_window: int | None = None, tokenizer: Any = None
+    ) -> StoryState:
+        """Start a story for :meth:`next_frame_conditioning` / :meth:`append_frame`.
+
+        Args:
+            batch_size: stories run in parallel (their captions must tokenise to equal lengths).
+            context_window: keep only the last k committed frames in the LLM context (the local causal window
+                of Causal-Story); None keeps the whole story (up to the token budget).
+            tokenizer: needed only to pass captions as strings, or when the config lacks the layout ids.
+        """
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if context_window is not None and context_window < 0:
+            raise ValueError(f"`context_window` must be None or >= 0, got {context_window}.")
+        try:
+            tokens = StoryTokens.from_config(self.config)
+        except ValueError:
+            if tokenizer is None:
+                raise
+            tokens = StoryTokens.from_tokenizer(
+                tokenizer, self.config.num_visual_tokens, self.config.num_img_tokens
+            )
+        return StoryState(
+            batch_size=batch_size, context_window=context_window, tokens=tokens, tokenizer=tokenizer
+        )
+
+    def _caption_batch(self, state: StoryState, caption_ids: Any) -> list[list[int]]:
+        """Normalise captions to ``batch_size`` lists of ids of equal length."""
+        B = state.batch_size
+        if isinstance(caption_ids, torch.Tensor):
+            caption_ids = caption_ids.tolist()
+            if caption_ids and not isinstance(caption_ids[0], list):
+                caption_ids = [caption_ids]
+        if isinstance(caption_ids, str) or (
+            isinstance(caption_ids, Sequence) and caption_ids and isinstance(caption_ids[0], str)
+        ):
+            if state.tokenizer is None:
+                raise ValueError("Captions given as text need `start_story(..., tokenizer=tok)`.")
+            texts = [caption_ids] if isinstance(caption_ids, str) else list(caption_ids)
+            caption_ids = [encode_caption(state.tokenizer, t) for t in texts]
+        elif not caption_ids or not isinstance(caption_ids[0], Sequence):
+            caption_ids = [list(caption_ids)]
+        batch = [[int(i) for i in ids] for ids in caption_ids]
+        if len(batch) == 1 and B > 1:
+            batch = batch * B
+        if len(batch) != B:
+            raise ValueError(f"Got captions for {len(batch)} stories but the state has batch_size {B}.")
+        lengths = {len(ids) for ids in batch}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"Batched captions must have equal token lengths, got {sorted(len(ids) for ids in batch)}."
+            )
+        return batch
+
+    def _run_cached(
+        self, state: StoryState, input_ids: torch.Tensor, image_embeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``input_ids`` (B, L) on top of ``state.cache`` and grow it; returns (last hidden, input embeds)."""
+        device = self.get_input_embeddings().weight.device
+        input_ids = input_ids.to(device)
+        embeds = self.embed_inputs(input_ids, image_embeds)
+        L = input_ids.shape[1]
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.config.text_config)
+        position_ids = torch.arange(state.cache_length, state.cache_length + L, device=device)
+        position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+        out = self._llm_body()(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            past_key_values=state.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        state.cache = out.past_key_values
+        state.cache_length += L
+        state._count(L)
+        return out.last_hidden_state, embeds
+
+    def _rebuild_cache(self, state: StoryState) -> None:
+        """Re-encode BOS + the retained frames from scratch (after the window slid or frames were dropped)."""
+        state.cache, state.cache_length = None, 0
+        ids, embeds = list(state.tokens.bos_ids), []
+        rows: list[list[int]] = [list(ids) for _ in range(state.batch_size)]
+        for frame in state.frames:
+            for b in range(state.batch_size):
+                rows[b] += history_segment(state.tokens, frame.caption_ids[b]).input_ids
+            embeds.append(frame.image_embeds)
+        state.num_rebuilds += 1
+        if not rows[0]:
+            return
+        image_embeds = (
+            torch.stack(embeds, 1).flatten(0, 1) if embeds else None
+        )  # (B * n_frames, D), row-major
+        self._run_cached(state, torch.tensor(rows), image_embeds)
+
+    def _ensure_started(self, state: StoryState) -> None:
+        if state.cache is None and state.cache_length == 0 and state.tokens.bos_ids and not state.frames:
+            bos = torch.tensor([state.tokens.bos_ids] * state.batch_size)
+            self._run_cached(state, bos, None)
+
+    def _trim_to_budget(
+        self, state: StoryState, frames: list[StoryFrame], extra_tokens: int, what: str, stacklevel: int = 4
+    ) -> list[StoryFrame]:
+        """Drop the oldest of ``frames`` (with a warning) until BOS + frames + ``extra_tokens`` fit the budget."""
+        budget = self.config.context_token_budget
+        total = len(state.tokens.bos_ids) + sum(f.num_tokens(state.tokens) for f in frames)
+        if budget is None or total + extra_tokens <= budget:
+            return frames
+        kept = list(frames)
+        while kept and total + extra_tokens > budget:
+            total -= kept.pop(0).num_tokens(state.tokens)
+        if total + extra_tokens > budget:
+            raise ValueError(
+                f"The {what} ({extra_tokens} tokens) does not fit the LLM budget of {budget} tokens even with an "
+                "empty context."
+            )
+        dropped = len(frames) - len(kept)
+        warnings.warn(
+            f"Story context exceeds the LLM budget of {budget} tokens (max_context_tokens): dropping the "
+            f"{dropped} oldest frame(s) and rebuilding the cache ({len(kept)} frame(s) kept).",
+            stacklevel=stacklevel,
+        )
+        state.num_frames_dropped += dropped
+        return kept
+
+    def _fit_budget(self, state: StoryState, extra_tokens: int, what: str) -> None:
+        """Drop the oldest frames (and rebuild) until ``cache_length + extra_tokens`` fits the token budget."""
+        kept = self._trim_to_budget(state, state.frames, extra_tokens, what, stacklevel=5)
+        if len(kept) != len(state.frames):
+            state.frames = kept
+            self._rebuild_cache(state)
+
+    def next_frame_conditioning(self, state: StoryState, caption_ids: Any) -> torch.Tensor:
+        """LDM conditioning of the next frame, given the committed story context (the state is not committed).
+
+        Runs ``" Caption: c Image:" + [IMG0..R-1]`` on top of the cached context, reads the ``[IMG]`` hidden
+        states, maps them and crops the cache back. A caption too long for the token budget is truncated (with
+        a warning) before the ``[IMG]`` ids; a context too long loses its oldest frames (with a warning).
+
+        Args:
+            state: from :meth:`start_story`.
+            caption_ids: the caption as token ids (from :func:`~storygptv.models.story_inputs.encode_caption`):
+                a list of ints (batch 1, or shared by the batch), a list of lists / (B, L) tensor; or text / a list
+                of texts when the state holds a tokenizer.
+
+        Returns:
+            (B, ldm_seq_len, ldm_hidden_size) conditioning in the mapper's dtype.
+        """
+        with torch.no_grad():
+            return self._next_frame_conditioning(state, caption_ids)
+
+    def _next_frame_conditioning(self, state: StoryState, caption_ids: Any) -> torch.Tensor:
+        before = state.llm_tokens_total
+        captions = self._caption_batch(state, caption_ids)
+        tokens = state.tokens
+        budget = self.config.context_token_budget
+        if budget is not None:
+            room = budget - len(tokens.bos_ids) - tokens.target_overhead()
+            if room < 0:
+                raise ValueError(f"The LLM budget of {budget} tokens cannot hold a target segment.")
+            if len(captions[0]) > room:
+                warnings.warn(
+                    f"Caption of {len(captions[0])} tokens truncated to {room} to fit the LLM budget of {budget}.",
+                    stacklevel=3,
+                )
+                captions = [c[:room] for c in captions]
+        segments = [target_segment(tokens, c) for c in captions]
+        L = len(segments[0])
+        self._ensure_started(state)
+        self._fit_budget(state, L, "target segment")
+        committed = state.cache_length
+        ids = torch.tensor([s.input_ids for s in segments])
+        hidden, embeds = self._run_cached(state, ids, None)
+        R = len(tokens.img_token_ids)
+        conditioning = self.map_img_tokens(hidden[:, -R:], embeds[:, -R:])
+        state.cache.crop(committed - state.cache_length)
+        state.cache_length = committed
+        state.last_call_tokens = state.llm_tokens_total - before
+        return conditioning
+
+    def append_frame(self, state: StoryState, image_embeds: torch.Tensor, caption_ids: Any) -> None:
+        """Commit ``"Image:" + m visual tokens + " Caption: c"`` of a finished frame to the story context.
+
+        Args:
+            state: from :meth:`start_story`.
+            image_embeds: (B, vision_embed_dim) CLIP embeddings of the frame's (generated) images
+                ((vision_embed_dim,) is accepted for B = 1).
+            caption_ids: as in :meth:`next_frame_conditioning` (use the same caption).
+        """
+        with torch.no_grad():
+            self._append_frame(state, image_embeds, caption_ids)
+
+    def _append_frame(self, state: StoryState, image_embeds: torch.Tensor, caption_ids: Any) -> None:
+        captions = self._caption_batch(state, caption_ids)
+        if image_embeds.ndim == 1:
+            image_embeds = image_embeds.unsqueeze(0)
+        if image_embeds.shape != (state.batch_size, self.config.vision_embed_dim):
+            raise ValueError(
+                f"`image_embeds` must have shape ({state.batch_size}, {self.config.vision_embed_dim}), got "
+                f"{tuple(image_embeds.shape)}."
+            )
+        frame = StoryFrame(captions, image_embeds.detach(), state.num_frames_committed)
+        before = state.llm_tokens_total
+        self._ensure_started(state)
+        state.num_frames_committed += 1
+        if state.context_window is not None and len(state.frames) >= state.context_window:
+            # The window slides: re-encode the retained frames (k of them at most, whatever the story length).
+            frames = [*state.frames, frame]
+            keep = frames[len(frames) - state.context_window :] if state.context_window > 0 else []
+            state.num_frames_dropped += len(frames) - len(keep)
+            state.frames = self._trim_to_budget(state, keep, 0, "context window", stacklevel=4)
+            self._rebuild_cache(state)
+        else:
+            seg_len = frame.num_tokens(state.tokens)
+            self._fit_budget(state, seg_len, "frame")
+            state.frames.append(frame)
+            ids = torch.tensor([history_segment(state.tokens, c).input_ids for c in captions])
+            self._run_cached(state, ids, image_embeds)
+        state.last_call_tokens = state.llm_tokens_total - before
+        state.llm_tokens_per_frame.append(state._pending_tokens)
+        state._pending_tokens = 0
+
+    @torch.no_grad()
+    def story_conditioning(
+        self,
+        context_caption_ids: Sequence[Any],
+        context_image_embeds: torch.Tensor | None,
+        target_caption_ids: Any,
+    ) -> torch.Tensor:
+        """Reference (no-cache) conditioning: one forward pass over the full sequence (batch 1).
+
+        ``context_image_embeds`` is (n_frames, vision_embed_dim). Equals the cached path (tests check it).
+        """
+        tokens = StoryTokens.from_config(self.config)
+        ids = list(tokens.bos_ids)
+        for cap in context_caption_ids:
+            ids += history_segment(tokens, cap).input_ids
+        ids += target_segment(tokens, target_caption_ids).input_ids
+        device = self.get_input_embeddings().weight.device
+        out = self(
+            input_ids=torch.tensor([ids], device=device),
+            image_embeds=context_image_embeds,
+            use_cache=False,
+            compute_logits=False,
+        )
+        return out.conditioning
+
+
+AutoConfig.register("storygptv", StoryGPTVConfig, exist_ok=True)
+AutoModel.register(StoryGPTVConfig, StoryGPTVForConditionalGeneration, exist_ok=True)
