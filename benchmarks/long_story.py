@@ -64,7 +64,9 @@ def main() -> None:
     else:
         from storygptv.testing.storygptv import tiny_storygptv_components
 
-        pipe = StoryGPTVPipeline(**tiny_storygptv_components()).to(dtype=dtype)
+        pipe = StoryGPTVPipeline(**tiny_storygptv_components())
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     cuda = args.device.startswith("cuda")
