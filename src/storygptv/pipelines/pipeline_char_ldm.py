@@ -223,6 +223,44 @@ class CharLDMPipeline(DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
             )
 
+    def prepare_call(
+        self,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        start_merge_step: int | None,
+        output_type: str,
+        cross_attention_kwargs: dict[str, Any] | None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ) -> tuple[int, int, int, list[str]]:
+        """Resolve the call's defaults, validate them and set the per-call state.
+
+        Returns ``(height, width, start_merge_step, callback_on_step_end_tensor_inputs)``.
+        """
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if start_merge_step is None:
+            start_merge_step = num_inference_steps // 2
+        self.check_inputs(
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            start_merge_step,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        return height, width, start_merge_step, callback_on_step_end_tensor_inputs
+
     @staticmethod
     def _as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:
         if isinstance(prompt, str):
@@ -398,28 +436,19 @@ class CharLDMPipeline(DiffusionPipeline):
         Returns:
             :class:`CharLDMPipelineOutput` (or ``(images,)`` when ``return_dict=False``).
         """
-        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if start_merge_step is None:
-            start_merge_step = num_inference_steps // 2
-        self.check_inputs(
+        height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(
             height,
             width,
             num_inference_steps,
             guidance_scale,
             start_merge_step,
             output_type,
+            cross_attention_kwargs,
+            callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
-        self._guidance_scale = guidance_scale
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
         device = self._execution_device
 
         if prompt_embeds is None:

@@ -195,21 +195,15 @@ class StoryGPTVPipeline(CharLDMPipeline):
             :class:`StoryGPTVPipelineOutput`, or ``(images, conditionings)`` when ``return_dict=False``.
         """
         captions = self._check_story(captions, context_window)
-        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if start_merge_step is None:
-            start_merge_step = num_inference_steps // 2
-        self.check_inputs(
+        height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(
             height,
             width,
             num_inference_steps,
             guidance_scale,
             start_merge_step,
             output_type,
+            cross_attention_kwargs,
+            callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
         if isinstance(generator, list) and len(generator) != len(captions):
@@ -231,9 +225,6 @@ class StoryGPTVPipeline(CharLDMPipeline):
                 "ignored.",
                 stacklevel=2,
             )
-        self._guidance_scale = guidance_scale
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
         device = self._execution_device
 
         negative = (
