@@ -1,0 +1,480 @@
+"""Render-exact judge for SynthSV: which characters and background a generated frame shows.
+
+SynthSV frames (:mod:`storygptv.data.synthsv`) use flat, known colours, so a frame can be judged
+without a learned classifier:
+
+1. The image (PIL, ``uint8`` array, float array / tensor in ``[0, 1]`` or ``[-1, 1]``, channels
+   first or last) is converted to RGB and resized to 64x64 with area averaging (``PIL BOX``), so
+   128 or 256 px generations are judged on the spec grid.
+2. **Background**: the channel-wise medians of the sky band (rows 2-21, above any sprite, even a
+   jumping one) and of the ground band (rows 54-63, below any sprite) are compared with the eight
+   (sky, ground) pairs; the nearest pair wins when both its sky and ground distances are at most
+   ``bg_tolerance`` (RGB Euclidean), otherwise the background is ``None``.
+3. **Characters**: every pixel is assigned to the nearest colour of a 24-colour palette (the eight
+   character colours plus the sixteen sky / ground colours) and kept as a character pixel when it
+   is within ``color_tolerance`` (60; 75 for Hana, the thinnest sprite, whose colour is at least
+   107 from every other palette colour) of that character colour. Nearest-colour assignment
+   settles the close pairs (Eli orange vs Cleo yellow vs desert sky and ground, Hana green vs
+   forest, Gus cyan vs lake ground, Bo blue vs night sky, pink Fay vs red Ava, white snow ground).
+   A character pixel is a *core* pixel when at least ``min_neighbors`` (3) of the 9 pixels of its
+   3x3 neighbourhood have the same character, which removes isolated noise pixels; a character is
+   present when its largest 8-connected blob of core pixels has at least ``min_pixels`` (26)
+   pixels (the smallest sprite, a sitting triangle, diamond or bar, has 80). Characters are
+   reported in :data:`~storygptv.data.synthsv.CHARACTERS` order, whatever their position.
+
+Calibration (``python -m storygptv.evaluation.synthsv`` reruns it with
+:func:`calibration_report`): 2,000 uniformly random frames (1-3 characters, all slots, poses and
+backgrounds) per condition; "exact" = the whole character set right; "min present" = smallest
+largest-blob size of a character that is in the frame; "max absent" = largest blob of a character
+that is not (the threshold ``min_pixels`` is 26):
+
+=========================================  =======  ==========  ===========  ==========
+condition                                  exact    background  min present  max absent
+=========================================  =======  ==========  ===========  ==========
+clean render                               100%     100%        80           0
+Gaussian blur radius 1                     100%     100%        48           0
+additive Gaussian noise std 10             100%     100%        80           0
+additive Gaussian noise std 20             100%     100%        72           0
+blur radius 1 + noise std 15               100%     100%        41           0
+upsampled to 256 px (bicubic)              100%     100%        80           0
+JPEG quality 75                            100%     100%        46           0
+=========================================  =======  ==========  ===========  ==========
+
+Pure noise, 1,000 images each: uniform RGB noise, Gaussian noise (mean 128, std 64) and uniform
+noise blurred with radius 1 give no character and no background in 100% of images; the largest
+blob of any character colour is 7, 7 and 13 pixels. Backgrounds: the sky / ground medians of
+degraded renders stay within 4 of the true colours, noise images stay at least 97 away from every
+background, and two backgrounds differ by at least 72 (sky or ground), hence ``bg_tolerance = 45``.
+Beyond the calibrated range (400 frames): blur radius 1.5 gives 98.8% exact frames, blur 1.5 +
+noise 20 gives 97.8%, noise std 30 and a 32 px round trip (bilinear down and up) give 100%; the
+misses are Hana's sitting ring, whose arcs are 2.5 px thick.
+
+Timing: about 1.2 ms of CPU per 64x64 frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from storygptv.data.synthsv import (
+    BACKGROUND_COLORS,
+    BACKGROUNDS,
+    CANVAS_SIZE,
+    CHARACTER_COLORS,
+    CHARACTERS,
+    SynthStory,
+)
+from storygptv.evaluation.metrics import background_accuracy, character_metrics
+
+__all__ = [
+    "JudgedFrame",
+    "SynthSVJudge",
+    "image_to_array",
+    "judge_frame",
+    "judge_frames",
+    "score_stories",
+]
+
+SKY_ROWS = slice(2, 22)
+# Hana's ring is the thinnest sprite (2.5 px arcs when sitting), so blur mixes most of its pixels;
+# its colour is at least 107 away from every other palette colour, so it affords a wider tolerance.
+_CHARACTER_TOLERANCES = {"Hana": 75.0}
+GROUND_ROWS = slice(54, 64)
+
+
+@dataclass(frozen=True)
+class JudgedFrame:
+    """What the judge sees in a frame.
+
+    Attributes:
+        characters: names of the characters shown, in :data:`CHARACTERS` order.
+        background: background name, or ``None`` when the frame matches no background.
+        pixel_counts: core-pixel count per character (in :data:`CHARACTERS` order).
+    """
+
+    characters: tuple[str, ...]
+    background: str | None
+    pixel_counts: tuple[int, ...] = ()
+
+    @property
+    def character_labels(self) -> np.ndarray:
+        """Multi-hot int8 vector over :data:`CHARACTERS`."""
+        return np.array([int(name in self.characters) for name in CHARACTERS], dtype=np.int8)
+
+
+def image_to_array(image: Any, size: int = CANVAS_SIZE) -> np.ndarray:
+    """Convert an image to a ``(size, size, 3)`` uint8 RGB array (resizing with area averaging).
+
+    Accepts a PIL image, a numpy array or a torch tensor, ``(H, W, 3)`` / ``(H, W)`` or
+    ``(3, H, W)``; integer arrays are 0-255, float arrays are ``[0, 1]`` (``[-1, 1]`` when they
+    contain values below -0.01, 0-255 when they contain values above 1.5).
+    """
+    if isinstance(image, PIL.Image.Image):
+        pil = image.convert("RGB")
+    else:
+        if hasattr(image, "detach"):  # torch tensor
+            image = image.detach().to("cpu")
+            if image.dtype.is_floating_point:
+                image = image.float()
+            image = image.numpy()
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"expected an image array (H, W, C) or (C, H, W), got shape {array.shape}")
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        array = array[..., :3]
+        if np.issubdtype(array.dtype, np.floating):
+            if array.size and float(array.max()) > 1.5:  # already 0-255
+                array = array / 255.0
+            elif array.size and float(array.min()) < -0.01:
+                array = (array + 1.0) / 2.0
+            array = np.clip(np.round(array * 255.0), 0, 255).astype(np.uint8)
+        elif array.dtype != np.uint8:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        pil = PIL.Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+    if pil.size != (size, size):
+        pil = pil.resize((size, size), resample=PIL.Image.BOX)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+class SynthSVJudge:
+    """Colour-matching judge of SynthSV frames (see the module docstring for the method and figures).
+
+    Args:
+        color_tolerance: largest RGB distance between a pixel and a character colour for the pixel to
+            count for that character (after nearest-colour assignment).
+        min_neighbors: a character pixel is a core pixel when at least this many pixels of its 3x3
+            neighbourhood (itself included) have the same character.
+        min_pixels: a character is present with at least this many core pixels.
+        bg_tolerance: largest RGB distance of the sky and the ground medians to a background's colours.
+        character_tolerances: per-character overrides of ``color_tolerance`` (default: Hana 75, the
+            thinnest sprite, whose colour is at least 107 from every other palette colour).
+    """
+
+    def __init__(
+        self,
+        color_tolerance: float = 60.0,
+        min_neighbors: int = 3,
+        min_pixels: int = 26,
+        bg_tolerance: float = 45.0,
+        character_tolerances: Mapping[str, float] | None = None,
+    ) -> None:
+        self.color_tolerance = float(color_tolerance)
+        self.min_neighbors = int(min_neighbors)
+        self.min_pixels = int(min_pixels)
+        self.bg_tolerance = float(bg_tolerance)
+        char_colors = [CHARACTER_COLORS[name] for name in CHARACTERS]
+        bg_colors = [color for name in BACKGROUNDS for color in BACKGROUND_COLORS[name]]
+        tolerances = dict(_CHARACTER_TOLERANCES)
+        if character_tolerances:
+            tolerances.update(character_tolerances)
+        self.character_tolerances = {
+            name: float(tolerances.get(name, self.color_tolerance)) for name in CHARACTERS
+        }
+        self._tolerance_sq = np.array(
+            [self.character_tolerances[n] ** 2 for n in CHARACTERS], dtype=np.float32
+        )
+        self._palette = np.array(char_colors + bg_colors, dtype=np.float32)  # (24, 3)
+        self._palette_sq = (self._palette**2).sum(axis=1)
+        self._sky = np.array([BACKGROUND_COLORS[name][0] for name in BACKGROUNDS], dtype=np.float32)
+        self._ground = np.array([BACKGROUND_COLORS[name][1] for name in BACKGROUNDS], dtype=np.float32)
+
+    # -- pieces --------------------------------------------------------------------------------
+    def background_of(self, array: np.ndarray) -> str | None:
+        """Background of a 64x64 uint8 RGB array, or ``None``."""
+        sky = np.median(array[SKY_ROWS].reshape(-1, 3).astype(np.float32), axis=0)
+        ground = np.median(array[GROUND_ROWS].reshape(-1, 3).astype(np.float32), axis=0)
+        d_sky = np.sqrt(((self._sky - sky) ** 2).sum(axis=1))
+        d_ground = np.sqrt(((self._ground - ground) ** 2).sum(axis=1))
+        best = int(np.argmin(d_sky**2 + d_ground**2))
+        if d_sky[best] > self.bg_tolerance or d_ground[best] > self.bg_tolerance:
+            return None
+        return BACKGROUNDS[best]
+
+    def character_masks(self, array: np.ndarray) -> np.ndarray:
+        """Boolean ``(8, H, W)`` core-pixel masks of each character in a uint8 RGB array."""
+        pixels = array.reshape(-1, 3).astype(np.float32)
+        d2 = (pixels**2).sum(axis=1, keepdims=True) - 2.0 * pixels @ self._palette.T + self._palette_sq
+        nearest = np.argmin(d2, axis=1)
+        near_d2 = d2[np.arange(len(pixels)), nearest]
+        num_chars = len(CHARACTERS)
+        is_char = (nearest < num_chars) & (near_d2 <= self._tolerance_sq[np.minimum(nearest, num_chars - 1)])
+        h, w = array.shape[:2]
+        labels = np.where(is_char, nearest, num_chars).reshape(h, w)
+        one_hot = labels[None, :, :] == np.arange(num_chars)[:, None, None]  # (8, h, w)
+        neighbours = _box3_sum(one_hot.astype(np.int16))
+        return one_hot & (neighbours >= self.min_neighbors)
+
+    def core_pixel_counts(self, array: np.ndarray) -> np.ndarray:
+        """Size of the largest 8-connected core-pixel blob of each character (``(8,)`` int array)."""
+        masks = self.character_masks(array)
+        totals = masks.reshape(len(CHARACTERS), -1).sum(axis=1)
+        counts = np.zeros(len(CHARACTERS), dtype=np.int64)
+        for c in np.flatnonzero(totals >= self.min_pixels):
+            counts[c] = _largest_component(masks[c])
+        return counts
+
+    # -- public API ----------------------------------------------------------------------------
+    def judge_frame(self, image: Any) -> JudgedFrame:
+        """Characters (in :data:`CHARACTERS` order) and background shown by one frame."""
+        array = image_to_array(image)
+        counts = self.core_pixel_counts(array)
+        characters = tuple(name for name, count in zip(CHARACTERS, counts) if count >= self.min_pixels)
+        return JudgedFrame(characters, self.background_of(array), tuple(int(c) for c in counts))
+
+    def judge_frames(self, images: Any) -> list[JudgedFrame]:
+        """Judge a sequence of frames (or a batched ``(N, 3, H, W)`` / ``(N, H, W, 3)`` array / tensor)."""
+        return [self.judge_frame(image) for image in images]
+
+    def score_stories(
+        self, generated: Sequence[Sequence[Any]], stories: Sequence[SynthStory | Mapping[str, Any]]
+    ) -> dict[str, float]:
+        """Char-Acc, micro Char-F1 and BG-Acc of generated stories against SynthSV ground truth.
+
+        Args:
+            generated: per story, its generated frames (any form :func:`image_to_array` accepts).
+            stories: matching :class:`~storygptv.data.synthsv.SynthStory` objects or dataset rows
+                (with ``characters`` or ``character_labels`` and ``background``).
+
+        Returns:
+            ``{"char_acc", "char_f1", "bg_acc"}`` in percent and ``"num_frames"``.
+        """
+        if len(generated) != len(stories):
+            raise ValueError(f"{len(generated)} generated stories for {len(stories)} reference stories")
+        pred_chars, true_chars, pred_bg, true_bg = [], [], [], []
+        for frames, story in zip(generated, stories):
+            truth_chars, truth_bg = _story_truth(story)
+            frames = list(frames)
+            if len(frames) != len(truth_chars):
+                raise ValueError(f"a story has {len(truth_chars)} frames but {len(frames)} were generated")
+            for judged, chars, bg in zip(self.judge_frames(frames), truth_chars, truth_bg):
+                pred_chars.append(judged.character_labels)
+                true_chars.append(chars)
+                pred_bg.append(judged.background)
+                true_bg.append(bg)
+        if not true_chars:
+            raise ValueError("no frames to score")
+        chars = character_metrics(np.stack(pred_chars), np.stack(true_chars))
+        return {
+            "char_acc": chars["char_acc"],
+            "char_f1": chars["char_f1"],
+            "bg_acc": background_accuracy(pred_bg, true_bg),
+            "num_frames": len(true_chars),
+        }
+
+
+def _story_truth(story: SynthStory | Mapping[str, Any]) -> tuple[list[np.ndarray], list[str]]:
+    """Per-frame multi-hot vectors and background names of a story or a dataset row."""
+    if isinstance(story, SynthStory):
+        return [f.character_labels for f in story.frames], story.backgrounds
+    if "character_labels" in story:
+        labels = [np.asarray(v, dtype=np.int8) for v in story["character_labels"]]
+    else:
+        labels = [
+            np.array([int(name in frame) for name in CHARACTERS], dtype=np.int8)
+            for frame in story["characters"]
+        ]
+    return labels, list(story["background"])
+
+
+def _box3_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the 3x3 neighbourhood (zero padding) of the last two axes."""
+    h, w = x.shape[-2:]
+    pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
+    padded = np.pad(x, pad)
+    return sum(padded[..., dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
+
+
+def _largest_component(mask: np.ndarray) -> int:
+    """Pixel count of the largest 8-connected component of a boolean 2-D mask (flood fill)."""
+    ys, xs = np.nonzero(mask)
+    pending = set(zip(ys.tolist(), xs.tolist()))
+    best = 0
+    while pending:
+        stack = [pending.pop()]
+        size = 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for q in (
+                (y - 1, x - 1),
+                (y - 1, x),
+                (y - 1, x + 1),
+                (y, x - 1),
+                (y, x + 1),
+                (y + 1, x - 1),
+                (y + 1, x),
+                (y + 1, x + 1),
+            ):
+                if q in pending:
+                    pending.remove(q)
+                    stack.append(q)
+        best = max(best, size)
+    return best
+
+
+_DEFAULT_JUDGE: SynthSVJudge | None = None
+
+
+def _default_judge() -> SynthSVJudge:
+    global _DEFAULT_JUDGE
+    if _DEFAULT_JUDGE is None:
+        _DEFAULT_JUDGE = SynthSVJudge()
+    return _DEFAULT_JUDGE
+
+
+def judge_frame(image: Any) -> JudgedFrame:
+    """:meth:`SynthSVJudge.judge_frame` with the default calibration."""
+    return _default_judge().judge_frame(image)
+
+
+def judge_frames(images: Any) -> list[JudgedFrame]:
+    """:meth:`SynthSVJudge.judge_frames` with the default calibration."""
+    return _default_judge().judge_frames(images)
+
+
+def score_stories(
+    generated: Sequence[Sequence[Any]], stories: Sequence[SynthStory | Mapping[str, Any]]
+) -> dict[str, float]:
+    """:meth:`SynthSVJudge.score_stories` with the default calibration."""
+    return _default_judge().score_stories(generated, stories)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------
+
+
+def random_frames(num_frames: int, seed: int = 0) -> list[Any]:
+    """Uniformly random SynthSV frames (1-3 characters, any slots, pose and background)."""
+    from storygptv.data.synthsv import ACTIONS, SynthFrame
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(num_frames):
+        n = int(rng.integers(1, 4))
+        names = tuple(CHARACTERS[i] for i in rng.permutation(len(CHARACTERS))[:n])
+        slots = tuple(sorted(rng.permutation(3)[:n].tolist()))
+        frames.append(
+            SynthFrame(
+                characters=names,
+                slots=slots,
+                action=ACTIONS[int(rng.integers(len(ACTIONS)))],
+                background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+            )
+        )
+    return frames
+
+
+def degrade(image: PIL.Image.Image, condition: str, rng: np.random.Generator) -> PIL.Image.Image:
+    """Apply a calibration condition: "clean", "blur", "noise10", "noise20", "blur_noise15",
+    "upsample_bicubic", "jpeg75"."""
+    import io
+
+    from PIL import ImageFilter
+
+    def noisy(img: PIL.Image.Image, std: float) -> PIL.Image.Image:
+        array = np.asarray(img, dtype=np.float32) + rng.normal(0.0, std, size=(img.height, img.width, 3))
+        return PIL.Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="RGB")
+
+    if condition == "clean":
+        return image
+    if condition == "blur":
+        return image.filter(ImageFilter.GaussianBlur(radius=1))
+    if condition == "noise10":
+        return noisy(image, 10.0)
+    if condition == "noise20":
+        return noisy(image, 20.0)
+    if condition == "blur_noise15":
+        return noisy(image.filter(ImageFilter.GaussianBlur(radius=1)), 15.0)
+    if condition == "upsample_bicubic":
+        return image.resize((256, 256), resample=PIL.Image.BICUBIC)
+    if condition == "jpeg75":
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=75)
+        return PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    raise ValueError(f"unknown condition {condition!r}")
+
+
+def noise_image(kind: str, rng: np.random.Generator, size: int = CANVAS_SIZE) -> PIL.Image.Image:
+    """A pure-noise image: "uniform", "gaussian" (mean 128, std 64) or "blurred" uniform noise."""
+    from PIL import ImageFilter
+
+    if kind == "uniform":
+        array = rng.integers(0, 256, size=(size, size, 3))
+    elif kind == "gaussian":
+        array = np.clip(np.round(rng.normal(128.0, 64.0, size=(size, size, 3))), 0, 255)
+    elif kind == "blurred":
+        img = PIL.Image.fromarray(rng.integers(0, 256, size=(size, size, 3)).astype(np.uint8), mode="RGB")
+        return img.filter(ImageFilter.GaussianBlur(radius=1))
+    else:
+        raise ValueError(f"unknown noise kind {kind!r}")
+    return PIL.Image.fromarray(array.astype(np.uint8), mode="RGB")
+
+
+CONDITIONS = ("clean", "blur", "noise10", "noise20", "blur_noise15", "upsample_bicubic", "jpeg75")
+NOISE_KINDS = ("uniform", "gaussian", "blurred")
+
+
+def calibration_report(
+    num_frames: int = 2000, num_noise: int = 1000, seed: int = 0, judge: SynthSVJudge | None = None
+) -> dict[str, dict[str, float]]:
+    """Judge accuracy under each condition, and false detections on noise images.
+
+    Returns ``{condition: {"char_exact", "background", "min_present", "max_absent"}}`` (percentages
+    and core-pixel counts) and ``{"noise_<kind>": {"no_character", "no_background", "max_core"}}``.
+    """
+    from storygptv.data.synthsv import render_frame
+
+    judge = judge or _default_judge()
+    frames = random_frames(num_frames, seed)
+    clean = [render_frame(f)[0] for f in frames]
+    report: dict[str, dict[str, float]] = {}
+    for condition in CONDITIONS:
+        rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
+        exact = bg_ok = 0
+        min_present, max_absent = 10**9, 0
+        for frame, image in zip(frames, clean):
+            judged = judge.judge_frame(degrade(image, condition, rng))
+            exact += set(judged.characters) == set(frame.characters)
+            bg_ok += judged.background == frame.background
+            for name, count in zip(CHARACTERS, judged.pixel_counts):
+                if name in frame.characters:
+                    min_present = min(min_present, count)
+                else:
+                    max_absent = max(max_absent, count)
+        report[condition] = {
+            "char_exact": 100.0 * exact / num_frames,
+            "background": 100.0 * bg_ok / num_frames,
+            "min_present": float(min_present),
+            "max_absent": float(max_absent),
+        }
+    for kind in NOISE_KINDS:
+        rng = np.random.default_rng([seed, 100 + NOISE_KINDS.index(kind)])
+        no_char = no_bg = 0
+        max_core = 0
+        for _ in range(num_noise):
+            judged = judge.judge_frame(noise_image(kind, rng))
+            no_char += not judged.characters
+            no_bg += judged.background is None
+            max_core = max(max_core, max(judged.pixel_counts))
+        report[f"noise_{kind}"] = {
+            "no_character": 100.0 * no_char / num_noise,
+            "no_background": 100.0 * no_bg / num_noise,
+            "max_core": float(max_core),
+        }
+    return report
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for key, values in calibration_report().items():
+        print(key, {k: round(v, 2) for k, v in values.items()})
