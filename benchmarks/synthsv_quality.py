@@ -43,7 +43,11 @@ def labels(characters: tuple[str, ...]) -> np.ndarray:
 def score(judge: SynthSVJudge, frames: list[Any], stories: list[Any]) -> dict[str, float]:
     """Overall and pronoun-frame metrics of ``frames`` (flattened over ``stories``)."""
     judged = judge.judge_frames(frames)
-    truth = [(labels(f.characters), f.background, ref) for s in stories for f, ref in zip(s.frames, s.is_referential)]
+    truth = [
+        (labels(f.characters), f.background, ref)
+        for s in stories
+        for f, ref in zip(s.frames, s.is_referential)
+    ]
     pred_chars = np.stack([j.character_labels for j in judged])
     true_chars = np.stack([t[0] for t in truth])
     pronoun = np.array([t[2] for t in truth])
@@ -59,10 +63,14 @@ def score(judge: SynthSVJudge, frames: list[Any], stories: list[Any]) -> dict[st
     return result
 
 
-def run_story_pipeline(pipe: StoryGPTVPipeline, stories, cast, args, withhold_images: bool = False) -> list[Any]:
+def run_story_pipeline(
+    pipe: StoryGPTVPipeline, stories, cast, args, withhold_images: bool = False
+) -> list[Any]:
     original = pipe.story_model.append_frame
     if withhold_images:
-        pipe.story_model.append_frame = lambda state, embeds, caption: original(state, torch.zeros_like(embeds), caption)
+        pipe.story_model.append_frame = lambda state, embeds, caption: original(
+            state, torch.zeros_like(embeds), caption
+        )
     frames = []
     try:
         for index, story in enumerate(stories):
@@ -98,14 +106,20 @@ def run_char_ldm(pipe: CharLDMPipeline, stories, cast, args) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=storygptv.DEFAULT_MODEL, help="a StoryGPTVPipeline folder or Hub id")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=storygptv.DEFAULT_MODEL, help="a StoryGPTVPipeline folder or Hub id"
+    )
     parser.add_argument("--stories", type=int, default=100)
     parser.add_argument("--frames", type=int, default=4, help="frames per story")
     parser.add_argument("--split", default="test")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--batch_size", type=int, default=32, help="frames per batch for the Char-LDM variants")
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="frames per batch for the Char-LDM variants"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=None)
@@ -139,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         f"SynthSV {args.split}: {args.stories} stories x {args.frames} frames, referential captions, "
         f"{args.steps} steps, guidance {args.guidance_scale}, seed {args.seed}, model {args.model}"
     )
-    header = f"| {'variant':<22} | Char-Acc | Char-F1 | BG-Acc | pronoun Char-Acc | pronoun BG-Acc | seconds |"
+    header = (
+        f"| {'variant':<22} | Char-Acc | Char-F1 | BG-Acc | pronoun Char-Acc | pronoun BG-Acc | seconds |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
     for variant, r in results.items():

@@ -1,0 +1,649 @@
+"""Shared helpers for the training scripts of ``storygptv`` (``training_scripts/*.py``).
+
+The command-line interface follows the diffusers training examples (``--pretrained_model_name_or_path``,
+``--output_dir``, ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--push_to_hub`` ...)
+and every check that can fail runs *before* any long work.
+
+Stable API (imported by the stage-1 and stage-2 scripts):
+
+- :func:`add_common_args`, :func:`check_dataset_args`, :func:`check_pipeline_folder`;
+- :func:`make_accelerator`, :func:`init_trackers`;
+- :func:`find_resume_checkpoint`, :func:`save_checkpoint`, :func:`load_checkpoint`;
+- :class:`ResumableBatchSampler`, :func:`derive_seed`, :func:`step_generator`, :func:`seeded_collate`,
+  :class:`IndexedBatchDataset` (deterministic data order, noise and augmentation that a resumed run
+  reproduces exactly);
+- :func:`load_train_stories` (``--dataset`` / ``--data_dir`` / hidden ``--train_dataset_path``);
+- :func:`make_ema` (diffusers ``EMAModel``);
+- :func:`write_model_card`, :func:`push_folder_to_hub`;
+- :func:`state_dict_hash` (for cross-rank and resume checks).
+
+Determinism contract: the batch of micro-step ``i`` (data order, collator randomness, noise and
+timesteps) is a pure function of ``(seed, i, rank)``, so a run killed and restarted with
+``--resume_from_checkpoint latest`` ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASET_CHOICES",
+    "IndexedBatchDataset",
+    "ResumableBatchSampler",
+    "TrainingSetupError",
+    "add_common_args",
+    "check_dataset_args",
+    "check_pipeline_folder",
+    "derive_seed",
+    "find_resume_checkpoint",
+    "init_trackers",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_train_stories",
+    "make_accelerator",
+    "make_ema",
+    "push_folder_to_hub",
+    "save_checkpoint",
+    "seeded_collate",
+    "state_dict_hash",
+    "step_generator",
+    "write_model_card",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Values of ``--dataset``.
+DATASET_CHOICES: tuple[str, ...] = ("flintstones", "pororo", "synthsv")
+
+#: File written by :func:`save_checkpoint` next to accelerate's state.
+TRAINING_STATE_FILE = "training_state.json"
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainingSetupError(ValueError):
+    """A user error found before training starts (bad dataset folder, model folder, resume path...)."""
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options shared by every training script (diffusers-examples names) to ``parser``.
+
+    Scripts change defaults with ``parser.set_defaults(...)`` after this call. Adds:
+    ``--pretrained_model_name_or_path``, ``--dataset``, ``--data_dir``, ``--num_stories``,
+    ``--train_dataset_path`` (hidden: a ``datasets.save_to_disk`` folder of stories), ``--output_dir``,
+    ``--train_batch_size``, ``--gradient_accumulation_steps``, ``--learning_rate``, ``--adam_*``,
+    ``--lr_scheduler``, ``--lr_warmup_steps``, ``--max_train_steps``, ``--mixed_precision``,
+    ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``, ``--seed``,
+    ``--report_to``, ``--logging_dir``, ``--tracker_project_name``, ``--push_to_hub``,
+    ``--hub_model_id``, ``--hub_token``, ``--hub_private``, ``--dataloader_num_workers``,
+    ``--max_grad_norm``, ``--logging_steps``, ``--debug_dump_rank_hash`` (hidden).
+    """
+    g = parser.add_argument_group("common training options")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Hub id or local folder of the model to start from.",
+    )
+    g.add_argument("--dataset", type=str, default="synthsv", choices=DATASET_CHOICES, help="Training data.")
+    g.add_argument(
+        "--data_dir",
+        type=str,
+        default=None,
+        help="Folder of the downloaded release (FlintstonesSV / PororoSV); SynthSV is generated.",
+    )
+    g.add_argument("--num_stories", type=int, default=None, help="Use only the first N stories of the split.")
+    g.add_argument("--train_dataset_path", type=str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--output_dir", type=str, default="outputs/run", help="Checkpoints, logs, final model.")
+    g.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help='diffusers scheduler: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+        '"constant_with_warmup".',
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps (honoured).")
+    g.add_argument("--max_train_steps", type=int, default=1000, help="Optimizer steps in total.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save the state every N steps.")
+    g.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most N checkpoints (oldest pruned).",
+    )
+    g.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint folder, or "latest" (the newest checkpoint-* in --output_dir; a fresh run when '
+        "there is none).",
+    )
+    g.add_argument("--seed", type=int, default=0, help="Seeds data order, noise and augmentation.")
+    g.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='"tensorboard" (default), "wandb", "all" or "none".',
+    )
+    g.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
+    g.add_argument("--tracker_project_name", type=str, default=None)
+    g.add_argument("--logging_steps", type=int, default=1, help="Log the loss every N optimizer steps.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to the Hub.")
+    g.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repo id (default: the output folder name)."
+    )
+    g.add_argument("--hub_token", type=str, default=None, help="Token (default: the cached login).")
+    g.add_argument("--hub_private", action="store_true", help="Create the repo as private.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--debug_dump_rank_hash", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_dataset_args(args: argparse.Namespace) -> None:
+    """Fail fast (``TrainingSetupError``) on an unknown dataset or a data folder in the wrong layout.
+
+    Only file names are checked (cheap). ``--train_dataset_path`` (a ``save_to_disk`` folder) bypasses
+    the release checks.
+    """
+    path = getattr(args, "train_dataset_path", None)
+    if path:
+        root = Path(path)
+        if not (root / "dataset_info.json").exists() and not (root / "dataset_dict.json").exists():
+            raise TrainingSetupError(
+                f"--train_dataset_path {str(root)!r} is not a `datasets.Dataset.save_to_disk` folder "
+                "(no dataset_info.json)."
+            )
+        return
+    name = str(getattr(args, "dataset", "") or "").lower()
+    if name not in DATASET_CHOICES:
+        raise TrainingSetupError(f"Unknown dataset {args.dataset!r}; valid: {list(DATASET_CHOICES)}.")
+    if name == "synthsv":
+        return
+    if not args.data_dir:
+        raise TrainingSetupError(
+            f"--dataset {name} needs --data_dir: the folder of its downloaded release (nothing is downloaded)."
+        )
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        raise TrainingSetupError(f"--data_dir {str(root)!r} does not exist.")
+    if name == "flintstones":
+        from .data.flintstones import detect_layout
+
+        try:
+            detect_layout(root)
+        except FileNotFoundError as error:
+            raise TrainingSetupError(str(error)) from error
+        return
+    from .data.pororo import LAYOUT, STORYGPTV_LAYOUT
+
+    storygptv = (root / "split.json").exists() and (root / "cleaned_annotations.json").exists()
+    storygan = all((root / f).exists() for f in ("descriptions.npy", "following_cache4.npy"))
+    if not (storygptv or storygan):
+        raise TrainingSetupError(
+            f"No PororoSV release found in {str(root)!r}. Expected one of the layouts: {LAYOUT} | "
+            f"{STORYGPTV_LAYOUT}"
+        )
+
+
+def check_pipeline_folder(path: str | os.PathLike, required: Iterable[str] | None = None) -> dict[str, Any]:
+    """Check a local diffusers pipeline folder before loading it; returns its ``model_index.json``.
+
+    Every component named in ``model_index.json`` (and every name in ``required``) must have a
+    subfolder, except components stored as ``[null, null]``. Raises ``TrainingSetupError`` naming
+    the missing pieces. A path that is not a local folder (a Hub id) is not checked (returns ``{}``).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return {}
+    index_path = root / "model_index.json"
+    if not index_path.exists():
+        raise TrainingSetupError(
+            f"{str(root)!r} has no model_index.json: it is not a diffusers pipeline folder."
+        )
+    index = json.loads(index_path.read_text())
+    names = {
+        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+    }
+    missing = sorted(n for n in set(required or ()) | names if not (root / n).is_dir())
+    not_indexed = sorted(n for n in set(required or ()) if n not in index or index[n][0] is None)
+    if missing or not_indexed:
+        raise TrainingSetupError(
+            f"Pipeline folder {str(root)!r} is incomplete: missing subfolders {missing}"
+            + (f", components absent from model_index.json {not_indexed}" if not_indexed else "")
+            + "."
+        )
+    return index
+
+
+# ------------------------------------------------------------------------------------- accelerate
+def make_accelerator(args: argparse.Namespace, kwargs_handlers: Sequence[Any] | None = None) -> Any:
+    """An ``accelerate.Accelerator`` from the common options.
+
+    ``--report_to none`` disables trackers (no tensorboard needed); the logging dir is
+    ``output_dir/logging_dir``. DDP runs with ``find_unused_parameters=True`` unless ``kwargs_handlers``
+    says otherwise (some conditioning modes leave the fuser unused in a batch). Launched as several
+    processes (``WORLD_SIZE > 1``) on a machine without GPUs, the processes run on CPU with gloo.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = None if str(args.report_to).lower() in ("none", "", "null") else args.report_to
+    project = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+    )
+    handlers = list(kwargs_handlers) if kwargs_handlers is not None else []
+    if not any(isinstance(h, DistributedDataParallelKwargs) for h in handlers):
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # `accelerate launch --multi_gpu` / `torchrun` on a machine without GPUs: run the processes on
+    # CPU with gloo (accelerate only does that with cpu=True).
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=distributed and not _has_accelerator(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=project,
+        kwargs_handlers=handlers,
+    )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        # The scripts build their own (resumable) data loaders, so DeepSpeed learns the batch size here.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    return accelerator
+
+
+def _has_accelerator() -> bool:
+    backend = getattr(torch, "accelerator", None)
+    if backend is not None and hasattr(backend, "is_available"):
+        return bool(backend.is_available())
+    return torch.cuda.is_available()
+
+
+def init_trackers(accelerator: Any, args: argparse.Namespace, default_project: str) -> None:
+    """Start the trackers (if any) with the run's scalar hyper-parameters as config."""
+    if accelerator.is_main_process and accelerator.log_with:
+        config = {
+            k: v
+            for k, v in vars(args).items()
+            if isinstance(v, int | float | str | bool) and "token" not in k
+        }
+        accelerator.init_trackers(args.tracker_project_name or default_project, config=config)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-<step>`` folders of ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / TRAINING_STATE_FILE).exists() or any(path.glob("random_states_*.pkl"))
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from, or ``None`` for a fresh run. Call it before any long work.
+
+    - ``--resume_from_checkpoint`` unset: ``None``.
+    - ``latest``: the newest ``checkpoint-*`` of ``--output_dir`` (``None`` with a log line when there
+      is none, as in the diffusers examples, so a restart loop can always pass ``latest``).
+    - a path: a checkpoint folder, or a folder holding ``checkpoint-*`` (the newest is used). A path that
+      does not exist or holds no checkpoint raises ``TrainingSetupError``.
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    if not value:
+        return None
+    if value == "latest":
+        found = [p for p in list_checkpoints(args.output_dir) if _is_checkpoint(p)]
+        if not found:
+            logger.info("No checkpoint in %s: starting a new training run.", args.output_dir)
+            return None
+        return str(found[-1])
+    path = Path(value)
+    if not path.is_dir():
+        raise TrainingSetupError(f"--resume_from_checkpoint {value!r} does not exist.")
+    if _is_checkpoint(path):
+        return str(path)
+    found = [p for p in list_checkpoints(path) if _is_checkpoint(p)]
+    if found:
+        return str(found[-1])
+    raise TrainingSetupError(
+        f"--resume_from_checkpoint {value!r} holds no checkpoint (expected accelerate state files and "
+        f"{TRAINING_STATE_FILE}, or checkpoint-<step> subfolders)."
+    )
+
+
+def save_checkpoint(
+    accelerator: Any, args: argparse.Namespace, step: int, extra: Mapping[str, Any] | None = None
+) -> str:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``; call it on *every* process.
+
+    Before saving, the main process prunes the oldest checkpoints so that at most
+    ``--checkpoints_total_limit`` remain afterwards. ``training_state.json`` records ``global_step``
+    (plus ``extra``). Returns the folder.
+    """
+    path = Path(args.output_dir) / f"checkpoint-{step}"
+    limit = getattr(args, "checkpoints_total_limit", None)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and limit is not None and limit > 0:
+        existing = [p for p in list_checkpoints(args.output_dir) if p != path]
+        for old in existing[: max(0, len(existing) - (limit - 1))]:
+            logger.info("Removing old checkpoint %s", old)
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        state = {"global_step": int(step), **dict(extra or {})}
+        (path / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    return str(path)
+
+
+def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``accelerator.load_state(path)``; returns the training state (at least ``global_step``)."""
+    path = Path(path)
+    accelerator.load_state(str(path))
+    state_file = path / TRAINING_STATE_FILE
+    if state_file.exists():
+        return json.loads(state_file.read_text())
+    match = _CHECKPOINT_RE.match(path.name)
+    if not match:
+        raise TrainingSetupError(
+            f"Cannot tell the step of checkpoint {str(path)!r} (no {TRAINING_STATE_FILE})."
+        )
+    return {"global_step": int(match.group(1))}
+
+
+# ------------------------------------------------------------------------------------ determinism
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (stable across processes and runs)."""
+    text = "|".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def step_generator(*parts: Any, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with :func:`derive_seed` of ``parts``.
+
+    Use ``step_generator(seed, "noise", micro_step, rank)`` for the noise and timesteps of a micro-step,
+    so a resumed run draws the same values without checkpointing generator states.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Endless, seeded batch sampler: yields ``(batch_index, indices)`` for this rank.
+
+    Epoch ``e`` is a permutation of the examples seeded by ``(seed, e)``. Each global batch holds
+    ``batch_size * num_replicas`` indices; rank ``r`` takes its contiguous slice. Incomplete tail
+    batches are dropped (every rank gets the same number of batches). ``start_batch`` skips already
+    consumed batches without loading them (``resume``).
+
+    Use with :class:`IndexedBatchDataset` and :func:`seeded_collate` (``DataLoader(batch_sampler=...)``).
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        start_batch: int = 0,
+    ) -> None:
+        self.num_examples = int(num_examples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.start_batch = int(start_batch)
+        self.batches_per_epoch = self.num_examples // (self.batch_size * self.num_replicas)
+        if self.batches_per_epoch < 1:
+            raise TrainingSetupError(
+                f"The dataset has {self.num_examples} examples: fewer than one global batch "
+                f"({self.batch_size} x {self.num_replicas} processes). Lower --train_batch_size or add data."
+            )
+
+    def epoch_of(self, batch_index: int) -> int:
+        """The epoch that batch ``batch_index`` belongs to."""
+        return batch_index // self.batches_per_epoch
+
+    def indices(self, batch_index: int) -> list[int]:
+        """This rank's example indices of global batch ``batch_index``."""
+        epoch, within = divmod(batch_index, self.batches_per_epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+        order = torch.randperm(self.num_examples, generator=generator)
+        size = self.batch_size * self.num_replicas
+        start = within * size + self.rank * self.batch_size
+        return order[start : start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batch_index = self.start_batch
+        while True:
+            yield [(batch_index, i) for i in self.indices(batch_index)]
+            batch_index += 1
+
+    def __len__(self) -> int:  # endless; report one epoch for progress displays
+        return self.batches_per_epoch
+
+
+class IndexedBatchDataset(torch.utils.data.Dataset):
+    """Wrap a map-style dataset so that ``ds[(batch_index, i)]`` returns ``(batch_index, ds[i])``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        batch_index, index = key
+        return batch_index, self.dataset[int(index)]
+
+
+class seeded_collate:  # noqa: N801 - used like a function
+    """``collate_fn`` that reseeds a numpy-``Generator``-based collator per batch.
+
+    The items are ``(batch_index, example)`` pairs (:class:`IndexedBatchDataset`); the collator's
+    randomness for the batch is seeded with ``derive_seed(seed, "collate", batch_index, rank)``, the
+    same in any DataLoader worker and after a resume. Collators with a ``reseed(seed)`` method are
+    reseeded through it; otherwise (``storygptv.data.CharLDMCollator``) the collator's numpy generator
+    (``_rng``) is replaced. The batch dict gains ``batch_index`` (int).
+    """
+
+    def __init__(self, collator: Any, seed: int, rank: int = 0) -> None:
+        self.collator = collator
+        self.seed = int(seed)
+        self.rank = int(rank)
+
+    def __call__(self, items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
+        batch_index = int(items[0][0])
+        batch_seed = derive_seed(self.seed, "collate", batch_index, self.rank)
+        collator = self.collator  # reseeded in place: its one-time warnings stay one-time
+        if hasattr(collator, "reseed"):
+            collator.reseed(batch_seed)
+        else:
+            info = torch.utils.data.get_worker_info()
+            collator.seed = batch_seed
+            collator._rng = np.random.default_rng(batch_seed)
+            collator._rng_worker = info.id if info is not None else None
+        batch = dict(collator([example for _, example in items]))
+        batch["batch_index"] = batch_index
+        return batch
+
+
+# ------------------------------------------------------------------------------------------- data
+def load_train_stories(args: argparse.Namespace, split: str = "train", **kwargs: Any) -> Any:
+    """The training stories (one row per story) from ``--dataset/--data_dir`` or ``--train_dataset_path``.
+
+    ``kwargs`` go to :func:`storygptv.data.load_story_dataset` (``frames_per_story``, ``referential``...).
+    """
+    if getattr(args, "train_dataset_path", None):
+        import datasets
+
+        data = datasets.load_from_disk(args.train_dataset_path)
+        if isinstance(data, datasets.DatasetDict):
+            data = data[split]
+        if args.num_stories is not None:
+            data = data.select(range(min(len(data), args.num_stories)))
+        return data
+    from .data import load_story_dataset
+
+    if getattr(args, "num_stories", None) is not None:
+        kwargs.setdefault("num_stories", args.num_stories)
+    return load_story_dataset(args.dataset, data_dir=args.data_dir, split=split, seed=args.seed, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------- EMA
+def make_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.999, **kwargs: Any) -> Any:
+    """A diffusers ``EMAModel`` over ``parameters`` (register it with ``accelerator.register_for_checkpointing``).
+
+    ``ema.step(params)`` after each optimizer step; ``ema.copy_to(params)`` before the final export.
+    """
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(list(parameters), decay=decay, **kwargs)
+
+
+def state_dict_hash(module: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict (names, dtypes, shapes and exact values), for cross-rank/resume checks."""
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- model cards
+def _template_text(template_name: str) -> str:
+    name = template_name if template_name.endswith(".md") else f"{template_name}.md"
+    resource = importlib.resources.files("storygptv").joinpath("hub_cards", name)
+    if not resource.is_file():
+        available = sorted(
+            p.name
+            for p in importlib.resources.files("storygptv").joinpath("hub_cards").iterdir()
+            if p.name.endswith(".md")
+        )
+        raise TrainingSetupError(f"Unknown model-card template {template_name!r}; available: {available}.")
+    return resource.read_text(encoding="utf-8")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    template_name: str,
+    *,
+    repo_id: str | None = None,
+    base_model: str | Sequence[str] | None = None,
+    dataset: str | Sequence[str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    license: str = "apache-2.0",
+    tags: Sequence[str] = (),
+    pipeline_tag: str | None = "text-to-image",
+    **fields: Any,
+) -> Any:
+    """Write ``folder/README.md`` from the package template ``storygptv/hub_cards/<template_name>.md``.
+
+    Metadata: ``library_name: diffusers``, ``pipeline_tag`` (text-to-image), ``tags`` (storygptv,
+    story-visualization, diffusers + ``tags``), ``license``, ``inference: false``, ``base_model``,
+    ``datasets``. The template receives ``repo_id``, ``model_name``, ``base_model``, ``dataset``,
+    ``hyperparameters`` (a markdown table), ``metrics`` (a markdown table), and ``fields``. Returns the
+    ``huggingface_hub.ModelCard``.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base_models = [base_model] if isinstance(base_model, str) else list(base_model or [])
+    # Only Hub ids are valid `base_model` metadata; local folders go into the text only.
+    hub_bases = [b for b in base_models if b and not Path(b).exists() and re.match(r"^[\w.-]+/[\w.-]+$", b)]
+    datasets_ = [dataset] if isinstance(dataset, str) else list(dataset or [])
+    all_tags = ["storygptv", "story-visualization", "diffusers"]
+    all_tags += [t for t in tags if t not in all_tags]
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=all_tags,
+        base_model=hub_bases or None,
+        datasets=[d for d in datasets_ if "/" in d] or None,
+        inference=False,
+    )
+    hp_rows = "\n".join(f"| `{k}` | {_format_value(v)} |" for k, v in (hyperparameters or {}).items())
+    metric_rows = "\n".join(f"| {k} | {_format_value(v)} |" for k, v in (metrics or {}).items())
+    model_name = repo_id or fields.pop("model_name", None) or folder.name
+    card = ModelCard.from_template(
+        data,
+        template_str=_template_text(template_name),
+        repo_id=repo_id or model_name,
+        model_name=model_name,
+        base_model=", ".join(base_models) or "(trained from scratch)",
+        dataset=", ".join(datasets_) or "(unspecified)",
+        hyperparameters=("| option | value |\n|---|---|\n" + hp_rows) if hp_rows else "(none recorded)",
+        metrics=("| metric | value |\n|---|---|\n" + metric_rows) if metric_rows else "(not evaluated)",
+        **fields,
+    )
+    card.save(str(folder / "README.md"))
+    return card
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload storygptv model",
+    ignore_patterns: Sequence[str] = ("checkpoint-*", "logs/*", "step_*", "epoch_*", "rank*.txt"),
+) -> str:
+    """``create_repo(exist_ok=True)`` + ``upload_folder`` (checkpoints and logs left out); returns the commit URL."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+    info = upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        token=token,
+        commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns),
+    )
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,431 @@
+"""Stage-2 training scripts: train_text_lm.py, precompute_targets.py, train_storygptv.py (tiny, offline, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storygptv.training_utils import TrainingSetupError
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
+
+
+def _script(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def text_lm():
+    return _script("train_text_lm")
+
+
+@pytest.fixture(scope="module")
+def precompute():
+    return _script("precompute_targets")
+
+
+@pytest.fixture(scope="module")
+def stage2():
+    return _script("train_storygptv")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("story_training")
+
+
+@pytest.fixture(scope="module")
+def char_ldm_dir(work):
+    from storygptv import CharLDMPipeline
+    from storygptv.testing import tiny_char_ldm_components
+
+    path = work / "char_ldm"
+    CharLDMPipeline(**tiny_char_ldm_components()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_dir(work, text_lm):
+    path = work / "lm"
+    text_lm.main(
+        [
+            "--dataset", "synthsv", "--num_stories", "24", "--output_dir", str(path),
+            "--train_batch_size", "8", "--max_train_steps", "3", "--checkpointing_steps", "3",
+            "--vocab_size", "300", "--hidden_size", "32", "--num_layers", "2", "--num_heads", "2",
+            "--max_position_embeddings", "512", "--lr_warmup_steps", "0", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def targets_dir(work, precompute, char_ldm_dir):
+    path = work / "targets"
+    precompute.main(
+        [
+            "--pretrained_model_name_or_path", str(char_ldm_dir), "--dataset", "synthsv",
+            "--num_stories", "6", "--shard_size", "4", "--output_dir", str(path),
+        ]
+    )  # fmt: skip
+    return path
+
+
+TINY_MAPPER = [
+    "--mapper_hidden_size", "32", "--mapper_num_heads", "2", "--mapper_num_layers", "1", "--mapper_ffn_dim", "64",
+]  # fmt: skip
+
+
+def stage2_argv(char_ldm_dir, lm_dir, targets_dir, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(char_ldm_dir), "--language_model_name_or_path", str(lm_dir),
+        "--targets_dir", str(targets_dir), "--output_dir", str(output_dir), "--train_batch_size", "2",
+        "--lr_warmup_steps", "1", "--report_to", "none", *TINY_MAPPER, *map(str, extra),
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- train_text_lm
+def test_text_lm_folder_loads_with_auto_classes(lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    assert model.config.model_type == "opt" and model.config.hidden_size == 32
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    ids = tokenizer(" She is jumping.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids  # the BPE was trained on SynthSV captions
+    card = (lm_dir / "README.md").read_text()
+    assert "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+    summary = json.loads((lm_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == 3
+    assert (lm_dir / "checkpoint-3").is_dir()
+
+
+def test_story_texts_join_referential_captions(text_lm):
+    import datasets
+
+    rows = datasets.Dataset.from_dict(
+        {"captions": [["Ava waves.", "Ava sits."]], "referential_captions": [["Ava waves.", "She sits."]]}
+    )
+    texts, corpus = text_lm.story_texts(rows, include_original=True)
+    assert texts == ["Ava waves. She sits.", "Ava waves. Ava sits."]
+    assert "She sits." in corpus and "Ava sits." in corpus
+    with pytest.raises(TrainingSetupError, match="captions"):
+        text_lm.story_texts(datasets.Dataset.from_dict({"story_id": ["a"]}), include_original=False)
+
+
+# ----------------------------------------------------------------------------------- precompute_targets
+def test_precomputed_targets_match_the_pipeline(precompute, targets_dir, char_ldm_dir):
+    from storygptv import CharLDMPipeline
+    from storygptv.data import load_story_dataset
+    from storygptv.data.synthsv import reference_images
+    from storygptv.pipelines.pipeline_storygptv import encode_story_images
+
+    data = precompute.load_precomputed_targets(targets_dir)
+    assert len(data) == 6 and "images" in data.column_names
+    row = data[5]
+    assert row["image_embeds"].shape == (4, 32) and row["target_conditioning"].shape == (4, 77, 32)
+    story = load_story_dataset("synthsv", split="train", num_stories=6)[5]
+    assert row["captions"] == story["captions"]
+    assert row["referential_captions"] == story["referential_captions"]
+    pipe = CharLDMPipeline.from_pretrained(char_ldm_dir)
+    refs = reference_images()
+    cast = {n: refs[n] for frame in story["characters"] for n in frame}
+    expected = pipe.encode_fused(story["captions"], cast, warn=False).prompt_embeds
+    torch.testing.assert_close(row["target_conditioning"], expected, rtol=1e-5, atol=1e-5)
+    images = encode_story_images(story["images"], pipe.image_encoder, pipe.feature_extractor)
+    torch.testing.assert_close(row["image_embeds"], images, rtol=1e-5, atol=1e-5)
+
+
+def test_precompute_resumes_without_redoing_finished_shards(precompute, targets_dir, char_ldm_dir, work):
+    path = work / "targets_resume"
+    shutil.copytree(targets_dir, path)
+    kept = path / "shards" / "shard-00000" / "dataset_info.json"
+    before = kept.stat().st_mtime_ns
+    shutil.rmtree(path / "shards" / "shard-00001")  # "killed" before the last shard was written
+    argv = [
+        "--pretrained_model_name_or_path", str(char_ldm_dir), "--dataset", "synthsv",
+        "--num_stories", "6", "--shard_size", "4", "--output_dir", str(path),
+    ]  # fmt: skip
+    with pytest.raises(TrainingSetupError, match="incomplete"):
+        precompute.load_precomputed_targets(path)
+    precompute.main(argv)
+    assert kept.stat().st_mtime_ns == before
+    again = precompute.load_precomputed_targets(path)
+    ref = precompute.load_precomputed_targets(targets_dir)
+    assert torch.equal(again[5]["target_conditioning"], ref[5]["target_conditioning"])
+    # Other settings in the same folder: refused.
+    with pytest.raises(TrainingSetupError, match="target_type"):
+        precompute.main([*argv, "--target_type", "text"])
+
+
+# -------------------------------------------------------------------------------------- train_storygptv
+def test_stage2_end_to_end_whole_pipeline(stage2, char_ldm_dir, lm_dir, targets_dir, work):
+    from storygptv.data.synthsv import reference_images
+    from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
+
+    out = work / "stage2"
+    stage2.main(
+        stage2_argv(
+            char_ldm_dir, lm_dir, targets_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2
+        )
+    )
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["loss_weights"] == {"gen": 0.5, "align": 1.0, "img": 1.0}
+    logs = summary["final_logs"]
+    assert {"gen_loss", "align_loss", "img_loss", "loss"} <= set(logs)
+    assert logs["loss"] == pytest.approx(
+        0.5 * logs["gen_loss"] + logs["align_loss"] + logs["img_loss"], rel=1e-4
+    )
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "StoryGPTVPipeline" in card
+    assert (out / "checkpoint-2" / stage2.TRAINABLE_FILE).exists()
+    assert not (out / "checkpoint-2" / "model.safetensors").exists()  # the frozen LLM is not re-saved
+
+    pipe = StoryGPTVPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.story_model.config.vision_embed_dim == 32 and pipe.story_model.config.ldm_hidden_size == 32
+    refs = reference_images()
+    story = pipe(
+        ["Ava and Bo are standing in the forest.", "They are jumping.", "Ava is waving."],
+        characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert story.images.shape == (3, 32, 32, 3) and np.isfinite(story.images).all()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_the_same_weights(
+    stage2, char_ldm_dir, lm_dir, targets_dir, work, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    common = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2)
+    full = work / "resume_full"
+    stage2.main(stage2_argv(char_ldm_dir, lm_dir, targets_dir, full, *common, "--save_story_model_only"))
+
+    killed = work / "resume_killed"
+    original = stage2.tu.save_checkpoint
+
+    def save_then_die(accelerator, args, step, extra=None):
+        path = original(accelerator, args, step, extra)
+        if step == 2:
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(stage2.tu, "save_checkpoint", save_then_die)
+    argv = stage2_argv(char_ldm_dir, lm_dir, targets_dir, killed, *common, "--save_story_model_only")
+    with pytest.raises(_Killed):
+        stage2.main(argv)
+    monkeypatch.setattr(stage2.tu, "save_checkpoint", original)
+    assert not (killed / "model.safetensors").exists()
+    stage2.main([*argv, "--resume_from_checkpoint", "latest"])
+
+    a = load_file(str(full / "checkpoint-4" / stage2.TRAINABLE_FILE))
+    b = load_file(str(killed / "checkpoint-4" / stage2.TRAINABLE_FILE))
+    assert a.keys() == b.keys() and any(k.endswith("@img_rows") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    wa, wb = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_img_loss_gradient_reaches_the_mapper(stage2):
+    from diffusers import DDPMScheduler
+
+    from storygptv.testing import tiny_char_ldm_components
+    from storygptv.testing.story_model import tiny_story_model
+
+    c = tiny_char_ldm_components()
+    model, tokenizer = tiny_story_model(vision_embed_dim=32, ldm_hidden_size=32)
+    model.train()
+    for module in (c["vae"], c["unet"]):
+        module.requires_grad_(False)
+    loss_fn = stage2.DenoisingLoss(
+        c["vae"], c["unet"], DDPMScheduler(num_train_timesteps=1000), torch.float32
+    )
+    hidden = torch.randn(2, 8, 32)
+    conditioning = model.map_img_tokens(hidden, torch.zeros_like(hidden))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    loss = loss_fn(pixels, conditioning, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad for p in model.ldm_mapper.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in c["unet"].parameters())
+    again = loss_fn(pixels, conditioning.detach(), torch.Generator().manual_seed(0))
+    assert torch.equal(again, loss.detach())  # noise and timesteps come from the generator only
+
+
+def test_vae_input_range_and_compat(stage2):
+    import PIL.Image
+
+    image = PIL.Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8))
+    assert stage2.frame_pixels(image, 4, compat=False).max() == 1.0
+    raw = stage2.frame_pixels(image, 4, compat=True)
+    assert raw.shape == (3, 4, 4) and raw.max() == 255.0
+
+
+def test_loss_presets_and_overrides(stage2):
+    base = ["--pretrained_model_name_or_path", "x", "--targets_dir", "y"]
+    assert stage2.parse_args(base).loss_weights == {"gen": 0.5, "align": 1.0, "img": 1.0}
+    assert stage2.parse_args([*base, "--loss_preset", "reference_v2"]).loss_weights == {
+        "gen": 0.5,
+        "align": 0.0,
+        "img": 1.0,
+    }
+    args = stage2.parse_args([*base, "--loss_preset", "paper", "--img_loss_weight", "0"])
+    assert args.loss_weights == {"gen": 1.0, "align": 1.0, "img": 0.0}
+    assert args.learning_rate == 1e-3 and args.adam_beta2 == 0.95 and args.max_length == 160
+    assert args.lr_scheduler == "warmup_step" and args.lr_warmup_steps == 2000
+    args.lr_warmup_steps, args.lr_step_size = 2, 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = stage2.make_lr_scheduler(args, opt, num_processes=1)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.1, 0.1, 0.1, 0.01])
+    with pytest.raises(SystemExit):
+        stage2.parse_args(
+            [*base, "--gen_loss_weight", "0", "--align_loss_weight", "0", "--img_loss_weight", "0"]
+        )
+
+
+def test_clear_errors_before_training(stage2, precompute, text_lm, char_ldm_dir, lm_dir, targets_dir, work):
+    import datasets
+
+    broken = work / "broken_char_ldm"
+    shutil.copytree(char_ldm_dir, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(TrainingSetupError, match="unet"):
+        stage2.main(stage2_argv(broken, lm_dir, targets_dir, work / "e1"))
+    with pytest.raises(TrainingSetupError, match="holds no checkpoint"):
+        stage2.main(
+            stage2_argv(char_ldm_dir, lm_dir, targets_dir, work / "e2", "--resume_from_checkpoint", work)
+        )
+    with pytest.raises(TrainingSetupError, match="not a precompute_targets.py output"):
+        stage2.main(stage2_argv(char_ldm_dir, lm_dir, lm_dir, work / "e3"))
+    with pytest.raises(TrainingSetupError, match="config.json"):
+        stage2.main(stage2_argv(char_ldm_dir, work, targets_dir, work / "e4"))
+    with pytest.raises(TrainingSetupError, match="data_dir"):
+        precompute.main(
+            [
+                "--pretrained_model_name_or_path",
+                str(char_ldm_dir),
+                "--dataset",
+                "flintstones",
+                "--output_dir",
+                str(work / "e5"),
+            ]
+        )
+    no_text = work / "no_captions"
+    datasets.Dataset.from_dict({"story_id": ["a"], "captions": [["", " "]]}).save_to_disk(str(no_text))
+    with pytest.raises(TrainingSetupError, match="no captions"):
+        text_lm.main(
+            ["--train_dataset_path", str(no_text), "--output_dir", str(work / "e6"), "--report_to", "none"]
+        )
+    with pytest.raises(TrainingSetupError, match="reference_images_dir"):
+        precompute.main(
+            ["--pretrained_model_name_or_path", str(char_ldm_dir), "--train_dataset_path", str(no_text),
+             "--output_dir", str(work / "e7")]
+        )  # fmt: skip
+
+
+def test_story_model_only_lora_l2_and_continue(stage2, char_ldm_dir, lm_dir, targets_dir, work):
+    from transformers import AutoTokenizer
+
+    from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration
+    from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
+
+    out = work / "lora_only"
+    stage2.main(
+        stage2_argv(
+            char_ldm_dir, lm_dir, targets_dir, out, "--max_train_steps", 2, "--lora_rank", 2,
+            "--loss_preset", "reference_v1", "--align_loss", "l2", "--save_story_model_only",
+        )
+    )  # fmt: skip
+    model = StoryGPTVForConditionalGeneration.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.lora_rank == 2 and model.config.align_loss == "l2"
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    assert tokenizer.convert_tokens_to_ids("[IMG0]") == model.config.img_token_ids[0]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert "img_loss" not in summary["final_logs"]
+    # Continue from the saved story model, exporting a whole pipeline.
+    cont = work / "continued"
+    stage2.main(
+        stage2_argv(
+            char_ldm_dir, lm_dir, targets_dir, cont, "--max_train_steps", 1, "--story_model_name_or_path", out
+        )
+    )
+    pipe = StoryGPTVPipeline.from_pretrained(cont)
+    assert pipe.story_model.config.lora_rank == 2
+
+
+def test_llama_lm_on_the_fly_targets_and_compat(stage2, text_lm, char_ldm_dir, work):
+    from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
+
+    lm = work / "llama_lm"
+    text_lm.main(
+        [
+            "--dataset", "synthsv", "--num_stories", "16", "--output_dir", str(lm), "--model_type", "llama",
+            "--model_config", '{"tie_word_embeddings": false}', "--train_batch_size", "8", "--max_train_steps", "2",
+            "--vocab_size", "300", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+            "--report_to", "none",
+        ]
+    )  # fmt: skip
+    out = work / "llama_stage2"
+    argv = [
+        "--pretrained_model_name_or_path", str(char_ldm_dir), "--language_model_name_or_path", str(lm),
+        "--dataset", "synthsv", "--num_stories", "4", "--output_dir", str(out), "--train_batch_size", "2",
+        "--max_train_steps", "2", "--vae_input_compat", "--gradient_accumulation_steps", "2",
+        "--report_to", "tensorboard", *TINY_MAPPER,
+    ]  # fmt: skip
+    stage2.main(argv)
+    assert (out / "targets" / "precompute_config.json").exists()  # computed on the fly
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    pipe = StoryGPTVPipeline.from_pretrained(out)
+    model = pipe.story_model
+    assert model.has_untied_output_head
+    ids = model.config.img_token_ids
+    head = model.get_output_embeddings().weight
+    keep = torch.ones(head.shape[0], dtype=torch.bool)
+    keep[ids] = False
+    torch.testing.assert_close(head[ids].norm(dim=-1), head[keep].norm(dim=-1).mean().expand(len(ids)))
+    # Targets without frames cannot feed L_img.
+    stripped = work / "targets_no_images"
+    _script("precompute_targets").main(
+        ["--pretrained_model_name_or_path", str(char_ldm_dir), "--num_stories", "2", "--output_dir", str(stripped),
+         "--no_store_images"]
+    )  # fmt: skip
+    with pytest.raises(TrainingSetupError, match="no_store_images"):
+        stage2.main(
+            [
+                *argv[:4],
+                "--targets_dir",
+                str(stripped),
+                "--output_dir",
+                str(work / "e8"),
+                "--report_to",
+                "none",
+            ]
+        )
