@@ -117,14 +117,18 @@ def test_pororo_main_name_list_order_and_last_sentence():
     assert len(PORORO_NAMES) == 18
 
 
+#: A 5-frame PororoSV story read by the default rules and by the compat modes.
+PORORO_STORY = (
+    "Pororo and Crong are playing in the snow.",
+    "Pororo and Crong are eating cake.",
+    "Loopy is baking. Crong and Loopy watch.",
+    "Pororo is skiing. Loopy falls down.",
+    "loopy laughs.",
+)
+
+
 def test_pororo_story_default():
-    captions = [
-        "Pororo and Crong are playing in the snow.",
-        "Pororo and Crong are eating cake.",
-        "Loopy is baking. Crong and Loopy watch.",
-        "Pororo is skiing. Loopy falls down.",
-        "loopy laughs.",
-    ]
+    captions = list(PORORO_STORY)
     out, flags = pororo_referential(captions)
     assert out == [
         captions[0],
@@ -137,13 +141,7 @@ def test_pororo_story_default():
 
 
 def test_pororo_story_compat_modes():
-    captions = [
-        "Pororo and Crong are playing in the snow.",
-        "Pororo and Crong are eating cake.",
-        "Loopy is baking. Crong and Loopy watch.",
-        "Pororo is skiing. Loopy falls down.",
-        "loopy laughs.",
-    ]
+    captions = list(PORORO_STORY)
     out, flags = pororo_referential(captions, compat="make-a-story")
     # No "They" step; "Pororo" (first in the list) is the main name of frame 2 and equals the anchor.
     assert out == [

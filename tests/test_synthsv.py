@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from storygptv.data import STORY_COLUMNS
 from storygptv.data.synthsv import (
     ACTIONS,
     BACKGROUND_COLORS,
@@ -29,20 +30,7 @@ from storygptv.data.synthsv import (
     synthsv_features,
 )
 
-SCHEMA = [
-    "story_id",
-    "frame_ids",
-    "images",
-    "captions",
-    "referential_captions",
-    "is_referential",
-    "characters",
-    "boxes",
-    "segmentation",
-    "character_labels",
-    "background",
-    "background_labels",
-]
+SCHEMA = list(STORY_COLUMNS)  # the common story schema, in order
 
 
 def _render_one(name: str, action: str = "standing", slot: int = 0, background: str = "snow"):

@@ -40,24 +40,36 @@ from torch import nn
 from storygptv import CharacterFuser, CharLDMPipeline, install_character_attention_processors
 from storygptv.attention import character_attention_loss
 from storygptv.training_utils import (
-    IndexedBatchDataset,
-    ResumableBatchSampler,
     TrainingSetupError,
-    add_common_args,
+    add_running,
+    card_dataset_name,
     check_dataset_args,
     check_pipeline_folder,
-    derive_seed,
+    dump_rank_hash,
+    end_of_step_checkpoint,
+    end_optimizer_step,
     find_resume_checkpoint,
+    finish_training,
     init_trackers,
-    load_checkpoint,
     load_train_stories,
+    log_running_means,
     make_accelerator,
+    make_batch_sampler,
     make_ema,
-    push_folder_to_hub,
-    save_checkpoint,
-    seeded_collate,
-    state_dict_hash,
-    step_generator,
+    make_lr_scheduler,
+    make_optimizer,
+    make_train_dataloader,
+    next_batch,
+    optimizer_step,
+    prepare_training,
+    progress_bar,
+    push_output_to_hub,
+    resume_training,
+    seed_micro_step,
+    setup_logging,
+    training_arg_parser,
+    training_result,
+    weight_dtype_for,
     write_model_card,
 )
 
@@ -69,8 +81,9 @@ SD_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 
 # ------------------------------------------------------------------------------------------------ args
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser)
+    parser = training_arg_parser(
+        __doc__, learning_rate=1e-5, train_batch_size=32, lr_scheduler="constant", lr_warmup_steps=0
+    )
     g = parser.add_argument_group("Char-LDM")
     g.add_argument(
         "--image_encoder_name_or_path",
@@ -131,7 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Folder of <Name>.png reference images (default for SynthSV: its rendered references).",
     )
     g.add_argument("--debug_interrupt_at_step", type=int, default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(learning_rate=1e-5, train_batch_size=32, lr_scheduler="constant", lr_warmup_steps=0)
     args = parser.parse_args(argv)
     if args.train_text_encoder is None:
         args.train_text_encoder = args.dataset == "synthsv" and not args.train_dataset_path
@@ -357,7 +369,7 @@ def run_validation(pipe: CharLDMPipeline, args: argparse.Namespace, accelerator:
 # -------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     # Every check that can fail runs before the long work.
     check_dataset_args(args)
     if args.pretrained_model_name_or_path and Path(args.pretrained_model_name_or_path).is_dir():
@@ -365,7 +377,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resume_path = find_resume_checkpoint(args)
 
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     from storygptv.data import CharLDMCollator, story_frames
 
@@ -380,9 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipe, was_char_ldm = load_pipeline(args)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     trained_modules = set_trainable(pipe, args)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     pipe.vae.to(accelerator.device)
     if weight_dtype != torch.float32:
         pipe.vae.to(dtype=weight_dtype)
@@ -392,19 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pipe.unet.enable_gradient_checkpointing()
     model = CharLDMTrainModel(pipe, args.attention_blocks if args.reg_weight > 0 else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps,
-    )
+    optimizer = make_optimizer(params, args)
+    lr_scheduler = make_lr_scheduler(args, optimizer)
     ema = make_ema(params, decay=args.ema_decay) if args.use_ema else None
 
     # Data (one row per frame), collated with per-batch seeds.
@@ -424,33 +422,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    model, optimizer = prepare_training(accelerator, model, optimizer, lr_scheduler, ema)
 
-    global_step = 0
-    if resume_path:
-        state = load_checkpoint(accelerator, resume_path)
-        global_step = int(state["global_step"])
-        accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
-    start_micro = global_step * args.gradient_accumulation_steps
-    accelerator.step = start_micro
-    sampler = ResumableBatchSampler(
-        len(frames),
-        args.train_batch_size,
-        seed=args.seed,
-        num_replicas=world,
-        rank=rank,
-        start_batch=start_micro,
-    )
-    dataloader = torch.utils.data.DataLoader(
-        IndexedBatchDataset(frames),
-        batch_sampler=sampler,
-        collate_fn=seeded_collate(collator, args.seed, rank),
-        num_workers=args.dataloader_num_workers,
-    )
+    sampler = make_batch_sampler(len(frames), args, accelerator)
+    global_step = resume_training(accelerator, args, resume_path, sampler)
+    dataloader = make_train_dataloader(frames, sampler, collator, args)
     init_trackers(accelerator, args, "train_char_ldm")
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     accelerator.print(
@@ -462,27 +438,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vae = pipe.vae
     scaling = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    from tqdm.auto import tqdm
-
-    progress = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress = progress_bar(accelerator, args, global_step)
     model.train()
     running: dict[str, float] = {}
     last_logs: dict[str, float] = {}
     step_start = time.perf_counter()
     step_times: list[float] = []
     data_iter = iter(dataloader)
-    micro = start_micro
+    micro = sampler.start_batch
     while global_step < args.max_train_steps:
-        batch = next(data_iter)
-        if batch["batch_index"] != micro:
-            raise RuntimeError(f"Data order broke: batch {batch['batch_index']} at micro-step {micro}.")
-        generator = step_generator(args.seed, "noise", micro, rank)
-        torch.manual_seed(derive_seed(args.seed, "torch", micro, rank))
+        batch = next_batch(data_iter, micro)
+        generator = seed_micro_step(args, "noise", micro, rank)
         device = accelerator.device
         with accelerator.accumulate(model):
             pixel_values = batch["pixel_values"].to(device, dtype=weight_dtype)
@@ -523,40 +489,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss_mse = denoising_loss(pred, target, weights, mask)
             loss_reg = character_attention_loss(maps, masks, valid) if maps else pred.new_zeros(())
             loss = loss_mse + args.reg_weight * loss_reg
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        parts = {"loss": loss.detach(), "loss_mse": loss_mse.detach(), "loss_reg": loss_reg.detach()}
-        for key, value in parts.items():
-            running[key] = running.get(key, 0.0) + float(value) / args.gradient_accumulation_steps
+            # (max_grad_norm <= 0: no clipping)
+            optimizer_step(accelerator, loss, optimizer, model.parameters(), max(args.max_grad_norm, 0.0))
+        parts = {"loss": loss, "loss_mse": loss_mse, "loss_reg": loss_reg}
+        add_running(running, parts, args.gradient_accumulation_steps)
         micro += 1
         if not accelerator.sync_gradients:
             continue
         # One optimizer step done.
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(params)
+        step_start = end_optimizer_step(lr_scheduler, ema, params, progress, step_times, step_start)
         global_step += 1
-        now = time.perf_counter()
-        step_times.append(now - step_start)
-        step_start = now
-        progress.update(1)
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            totals = accelerator.reduce(
-                torch.tensor([running[k] for k in sorted(running)], device=device), "mean"
-            )
-            last_logs = {k: float(v) for k, v in zip(sorted(running), totals.tolist())}
-            last_logs["lr"] = lr_scheduler.get_last_lr()[0]
-            last_logs["step_time_s"] = step_times[-1]
-            accelerator.log(last_logs, step=global_step)
+            last_logs = log_running_means(accelerator, running, lr_scheduler, step_times[-1], global_step)
             progress.set_postfix(loss=f"{last_logs['loss']:.4f}", reg=f"{last_logs['loss_reg']:.4f}")
         running = {}
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, global_step)
-        if args.debug_interrupt_at_step and global_step == args.debug_interrupt_at_step:
-            raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")
+        end_of_step_checkpoint(accelerator, args, global_step)
         if (
             args.validation_prompts
             and accelerator.is_main_process
@@ -571,15 +518,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(params)
-    if args.debug_dump_rank_hash:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / f"rank{rank}.txt").write_text(state_dict_hash(unwrapped) + "\n")
-    result: dict[str, Any] = {
-        "output_dir": args.output_dir,
-        "global_step": global_step,
-        "logs": last_logs,
-        "mean_step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
-    }
+    dump_rank_hash(args, rank, unwrapped)
+    result = training_result(args, global_step, last_logs, step_times)
     if accelerator.is_main_process:
         final = export_pipeline(pipe, unwrapped, args)
         if args.validation_prompts:
@@ -591,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base_model=args.pretrained_model_name_or_path
             if was_char_ldm
             else [args.pretrained_model_name_or_path, args.image_encoder_name_or_path],
-            dataset=args.dataset if not args.train_dataset_path else f"{args.dataset} (custom copy)",
+            dataset=card_dataset_name(args),
             hyperparameters=_card_hyperparameters(args, total_batch),
             metrics={f"final {k}": v for k, v in last_logs.items() if k.startswith("loss")}
             | {"optimizer steps": global_step},
@@ -599,17 +539,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             objective_extra=_objective_text(args),
         )
         if args.push_to_hub:
-            repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-            result["hub_commit"] = push_folder_to_hub(
-                args.output_dir, repo_id, args.hub_token, args.hub_private or None
-            )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if result["mean_step_time_s"] is not None:
-        accelerator.print(
-            f"Done: {global_step} steps, mean {result['mean_step_time_s']:.3f} s/step this session; "
-            f"final model in {args.output_dir}."
-        )
+            result["hub_commit"] = push_output_to_hub(args)
+    finish_training(accelerator, args, result)
     return result
 
 

@@ -106,10 +106,10 @@ pipe = StoryGPTVPipeline(**char_ldm.components, story_model=story_model, story_t
 
 # ---------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    tu.add_common_args(parser)
     # Paper / public-code hyper-parameters (method notes section 3.3).
-    parser.set_defaults(
+    parser = tu.training_arg_parser(
+        __doc__,
+        allow_abbrev=False,
         learning_rate=1e-3,
         adam_beta1=0.9,
         adam_beta2=0.95,
@@ -432,14 +432,7 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer: Any, num_processes: i
             return ramp * args.lr_step_gamma ** (step // size)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
-    )
+    return tu.make_lr_scheduler(args, optimizer, num_processes)
 
 
 # ---------------------------------------------------------------------------------------------- L_img
@@ -477,9 +470,8 @@ class DenoisingLoss:
 def main(argv: list[str] | None = None) -> Path:
     """Train stage 2; returns the output folder."""
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    tu.setup_logging()
     from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
 
     from storygptv import CharLDMPipeline
     from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration
@@ -545,9 +537,7 @@ def main(argv: list[str] | None = None) -> Path:
         lm = model.language_model
         enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
         enable()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        args.mixed_precision or "no", torch.float32
-    )
+    weight_dtype = tu.weight_dtype_for(args.mixed_precision)
     resolution = None
     img_loss = None
     if use_img:
@@ -574,47 +564,23 @@ def main(argv: list[str] | None = None) -> Path:
         f"{n_trainable:,}",
         args.loss_weights,
     )
-    optimizer = torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-    )
+    optimizer = tu.make_optimizer(groups, args)  # the groups set their own weight_decay
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     register_checkpoint_hooks(accelerator, StoryGPTVForConditionalGeneration)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
     untied_head = unwrapped.has_untied_output_head
 
-    sampler = tu.ResumableBatchSampler(
-        len(data),
-        args.train_batch_size,
-        seed=args.seed,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
-    global_step = 0
-    if resume is not None:
-        global_step = int(tu.load_checkpoint(accelerator, resume)["global_step"])
-        logger.info("Resumed from %s at step %d", resume, global_step)
-    sampler.start_batch = global_step * args.gradient_accumulation_steps
-    loader = torch.utils.data.DataLoader(
-        tu.IndexedBatchDataset(data),
-        batch_sampler=sampler,
-        collate_fn=tu.seeded_collate(
-            Stage2Collator(tokenizer, unwrapped.config, args, resolution),
-            args.seed,
-            accelerator.process_index,
-        ),
-        num_workers=args.dataloader_num_workers,
+    sampler = tu.make_batch_sampler(len(data), args, accelerator)
+    global_step = tu.resume_training(accelerator, args, resume, sampler, log=logger.info)
+    loader = tu.make_train_dataloader(
+        data, sampler, Stage2Collator(tokenizer, unwrapped.config, args, resolution), args
     )
     tu.init_trackers(accelerator, args, "storygptv-stage2")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    progress = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress = tu.progress_bar(accelerator, args, global_step)
     model.train()
     unwrapped.language_model.eval()  # frozen LLM: no dropout
     batches = iter(loader)
@@ -645,12 +611,7 @@ def main(argv: list[str] | None = None) -> Path:
                     with accelerator.autocast():
                         terms["img_loss"] = img_loss(pixel_values, out.conditioning, generator)
                     loss = loss + w["img"] * terms["img_loss"]
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                tu.optimizer_step(accelerator, loss, optimizer, trainable, args.max_grad_norm, lr_scheduler)
                 if accelerator.sync_gradients:
                     unwrapped.renormalize_img_embeddings(include_output_head=untied_head)
             terms["loss"] = loss
@@ -664,8 +625,7 @@ def main(argv: list[str] | None = None) -> Path:
         progress.set_postfix(loss=f"{last_logs['loss']:.4f}", align=f"{last_logs['align_loss']:.4f}")
         if global_step % args.logging_steps == 0:
             accelerator.log({**last_logs, "step_time_s": step_times[-1]}, step=global_step)
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            tu.save_checkpoint(accelerator, args, global_step, extra={"loss_weights": w})
+        tu.end_of_step_checkpoint(accelerator, args, global_step, at_end=True, extra={"loss_weights": w})
     progress.close()
 
     accelerator.wait_for_everyone()

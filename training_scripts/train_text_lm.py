@@ -80,9 +80,9 @@ Trained only on {{ dataset }} captions: a toy-scale LM for that domain, not a ge
 
 # ---------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    tu.add_common_args(parser)
-    parser.set_defaults(
+    parser = tu.training_arg_parser(
+        __doc__,
+        allow_abbrev=False,
         learning_rate=5e-4,
         train_batch_size=32,
         max_train_steps=2000,
@@ -297,12 +297,10 @@ def hyperparameters(args: argparse.Namespace, keys: list[str]) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Path:
     """Train; returns the output folder (model + tokenizer + README.md)."""
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    tu.setup_logging()
     output_dir = Path(args.output_dir)
     # Every check that can fail runs before the long work.
     tu.check_dataset_args(args)
@@ -339,49 +337,18 @@ def main(argv: list[str] | None = None) -> Path:
         f"{sum(p.numel() for p in trainable):,}",
     )
 
-    sampler = tu.ResumableBatchSampler(
-        len(texts),
-        args.train_batch_size,
-        seed=args.seed,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    sampler = tu.make_batch_sampler(len(texts), args, accelerator)
+    optimizer = tu.make_optimizer(trainable, args)
+    lr_scheduler = tu.make_lr_scheduler(args, optimizer, accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
-    global_step = 0
-    if resume is not None:
-        global_step = int(tu.load_checkpoint(accelerator, resume)["global_step"])
-        logger.info("Resumed from %s at step %d", resume, global_step)
-    sampler.start_batch = global_step * args.gradient_accumulation_steps
-    loader = torch.utils.data.DataLoader(
-        tu.IndexedBatchDataset([{"text": t} for t in texts]),
-        batch_sampler=sampler,
-        collate_fn=tu.seeded_collate(
-            CaptionLMCollator(tokenizer, args.max_length), args.seed, accelerator.process_index
-        ),
-        num_workers=args.dataloader_num_workers,
+    global_step = tu.resume_training(accelerator, args, resume, sampler, log=logger.info)
+    loader = tu.make_train_dataloader(
+        [{"text": t} for t in texts], sampler, CaptionLMCollator(tokenizer, args.max_length), args
     )
     tu.init_trackers(accelerator, args, "storygptv-text-lm")
 
-    progress = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress = tu.progress_bar(accelerator, args, global_step)
     model.train()
     batches = iter(loader)
     step_times: list[float] = []
@@ -394,12 +361,7 @@ def main(argv: list[str] | None = None) -> Path:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                tu.optimizer_step(accelerator, loss, optimizer, trainable, args.max_grad_norm, lr_scheduler)
             losses.append(loss.detach())
         global_step += 1
         step_times.append(time.perf_counter() - started)
@@ -413,8 +375,7 @@ def main(argv: list[str] | None = None) -> Path:
         progress.set_postfix(loss=f"{loss_value:.4f}")
         if global_step % args.logging_steps == 0:
             accelerator.log(logs, step=global_step)
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            tu.save_checkpoint(accelerator, args, global_step)
+        tu.end_of_step_checkpoint(accelerator, args, global_step, at_end=True)
     progress.close()
 
     accelerator.wait_for_everyone()

@@ -30,23 +30,34 @@ import torch
 import torch.nn.functional as F
 
 from storygptv.training_utils import (
-    IndexedBatchDataset,
-    ResumableBatchSampler,
     TrainingSetupError,
-    add_common_args,
+    add_running,
+    card_dataset_name,
     check_dataset_args,
-    derive_seed,
+    dump_rank_hash,
+    end_of_step_checkpoint,
+    end_optimizer_step,
     find_resume_checkpoint,
+    finish_training,
     init_trackers,
-    load_checkpoint,
     load_train_stories,
+    log_running_means,
     make_accelerator,
+    make_batch_sampler,
     make_ema,
-    push_folder_to_hub,
-    save_checkpoint,
-    seeded_collate,
-    state_dict_hash,
-    step_generator,
+    make_lr_scheduler,
+    make_optimizer,
+    make_train_dataloader,
+    next_batch,
+    optimizer_step,
+    prepare_training,
+    progress_bar,
+    push_output_to_hub,
+    resume_training,
+    seed_micro_step,
+    setup_logging,
+    training_arg_parser,
+    training_result,
     write_model_card,
 )
 
@@ -66,8 +77,9 @@ DEFAULT_VAE_CONFIG: dict[str, Any] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser)
+    parser = training_arg_parser(
+        __doc__, learning_rate=1e-3, train_batch_size=32, lr_scheduler="constant", output_dir="outputs/vae"
+    )
     g = parser.add_argument_group("VAE")
     g.add_argument(
         "--vae_config",
@@ -94,9 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--validation_steps", type=int, default=500, help="Reconstruction check every N steps.")
     g.add_argument("--num_validation_frames", type=int, default=16)
     g.add_argument("--debug_interrupt_at_step", type=int, default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(
-        learning_rate=1e-3, train_batch_size=32, lr_scheduler="constant", output_dir="outputs/vae"
-    )
     args = parser.parse_args(argv)
     if args.resolution % 8:
         parser.error("--resolution must be a multiple of 8.")
@@ -220,38 +229,24 @@ def _save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> Non
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     check_dataset_args(args)
     if not args.pretrained_model_name_or_path:
         vae_config(args)  # fail fast on a bad config
     resume_path = find_resume_checkpoint(args)
 
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
     from storygptv.data import story_frames
 
     accelerator = make_accelerator(args)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
     torch.manual_seed(args.seed)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     vae = load_vae(args)
     vae.requires_grad_(True)
     vae.train()
     params = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps,
-    )
+    optimizer = make_optimizer(params, args)
+    lr_scheduler = make_lr_scheduler(args, optimizer)
     ema = make_ema(params, decay=args.ema_decay) if args.use_ema else None
 
     frames = story_frames(load_train_stories(args))
@@ -262,30 +257,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_val = min(args.num_validation_frames, len(val_frames))
     val_pixels = FrameCollator(args.resolution)([val_frames[i] for i in range(n_val)])["pixel_values"]
 
-    model, optimizer = accelerator.prepare(VAEWithLoss(vae, args.recon_loss, args.kl_weight), optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    global_step = 0
-    if resume_path:
-        global_step = int(load_checkpoint(accelerator, resume_path)["global_step"])
-        accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
-    start_micro = global_step * args.gradient_accumulation_steps
-    accelerator.step = start_micro
-    sampler = ResumableBatchSampler(
-        len(frames),
-        args.train_batch_size,
-        seed=args.seed,
-        num_replicas=world,
-        rank=rank,
-        start_batch=start_micro,
+    model, optimizer = prepare_training(
+        accelerator, VAEWithLoss(vae, args.recon_loss, args.kl_weight), optimizer, lr_scheduler, ema
     )
-    dataloader = torch.utils.data.DataLoader(
-        IndexedBatchDataset(frames),
-        batch_sampler=sampler,
-        collate_fn=seeded_collate(FrameCollator(args.resolution, args.random_flip), args.seed, rank),
-        num_workers=args.dataloader_num_workers,
+    sampler = make_batch_sampler(len(frames), args, accelerator)
+    global_step = resume_training(accelerator, args, resume_path, sampler)
+    dataloader = make_train_dataloader(
+        frames, sampler, FrameCollator(args.resolution, args.random_flip), args
     )
     init_trackers(accelerator, args, "train_vae")
     accelerator.print(
@@ -293,59 +271,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{sum(p.numel() for p in params) / 1e3:.0f} k parameters, {args.max_train_steps} steps."
     )
     unwrapped = accelerator.unwrap_model(model).vae
-    progress = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress = progress_bar(accelerator, args, global_step)
     running: dict[str, float] = {}
     logs: dict[str, float] = {}
     step_times: list[float] = []
     tick = time.perf_counter()
     data_iter = iter(dataloader)
-    micro = start_micro
+    micro = sampler.start_batch
     while global_step < args.max_train_steps:
-        batch = next(data_iter)
-        if batch["batch_index"] != micro:
-            raise RuntimeError(f"Data order broke: batch {batch['batch_index']} at micro-step {micro}.")
-        generator = step_generator(args.seed, "posterior", micro, rank)
-        torch.manual_seed(derive_seed(args.seed, "torch", micro, rank))
+        batch = next_batch(data_iter, micro)
+        generator = seed_micro_step(args, "posterior", micro, rank)
         with accelerator.accumulate(model):
             pixels = batch["pixel_values"].to(accelerator.device)
             loss, rec, kl = model(pixels, generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for key, value in (("loss", loss), ("loss_rec", rec), ("loss_kl", kl)):
-            running[key] = running.get(key, 0.0) + float(value.detach()) / args.gradient_accumulation_steps
+            # (max_grad_norm <= 0: no clipping)
+            optimizer_step(accelerator, loss, optimizer, model.parameters(), max(args.max_grad_norm, 0.0))
+        add_running(running, {"loss": loss, "loss_rec": rec, "loss_kl": kl}, args.gradient_accumulation_steps)
         micro += 1
         if not accelerator.sync_gradients:
             continue
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(params)
+        tick = end_optimizer_step(lr_scheduler, ema, params, progress, step_times, tick)
         global_step += 1
-        now = time.perf_counter()
-        step_times.append(now - tick)
-        tick = now
-        progress.update(1)
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            keys = sorted(running)
-            totals = accelerator.reduce(
-                torch.tensor([running[k] for k in keys], device=accelerator.device), "mean"
-            )
-            logs = {k: float(v) for k, v in zip(keys, totals.tolist())}
-            logs |= {"lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_times[-1]}
-            accelerator.log(logs, step=global_step)
+            logs = log_running_means(accelerator, running, lr_scheduler, step_times[-1], global_step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
         running = {}
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, global_step)
-        if args.debug_interrupt_at_step and global_step == args.debug_interrupt_at_step:
-            raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")
+        end_of_step_checkpoint(accelerator, args, global_step)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process:
                 metrics, _ = evaluate(unwrapped, val_pixels.to(accelerator.device))
@@ -356,14 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(params)
-    if args.debug_dump_rank_hash:
-        (Path(args.output_dir) / f"rank{rank}.txt").write_text(state_dict_hash(unwrapped) + "\n")
-    result: dict[str, Any] = {
-        "output_dir": args.output_dir,
-        "global_step": global_step,
-        "logs": logs,
-        "mean_step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
-    }
+    dump_rank_hash(args, rank, unwrapped)
+    result = training_result(args, global_step, logs, step_times)
     if accelerator.is_main_process:
         metrics, recons = evaluate(unwrapped, val_pixels.to(accelerator.device))
         accelerator.log(metrics, step=global_step)
@@ -375,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vae",
             repo_id=args.hub_model_id,
             base_model=args.pretrained_model_name_or_path,
-            dataset=args.dataset if not args.train_dataset_path else f"{args.dataset} (custom copy)",
+            dataset=card_dataset_name(args),
             hyperparameters={
                 k: getattr(args, k)
                 for k in (
@@ -397,17 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             latent_channels=unwrapped.config.latent_channels,
         )
         if args.push_to_hub:
-            repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-            result["hub_commit"] = push_folder_to_hub(
-                args.output_dir, repo_id, args.hub_token, args.hub_private or None
-            )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if result["mean_step_time_s"] is not None:
-        accelerator.print(
-            f"Done: {global_step} steps, mean {result['mean_step_time_s']:.3f} s/step this session; "
-            f"final model in {args.output_dir}."
-        )
+            result["hub_commit"] = push_output_to_hub(args)
+    finish_training(accelerator, args, result)
     return result
 
 

@@ -6,16 +6,25 @@ and every check that can fail runs *before* any long work.
 
 Stable API (imported by the stage-1 and stage-2 scripts):
 
-- :func:`add_common_args`, :func:`check_dataset_args`, :func:`check_pipeline_folder`;
-- :func:`make_accelerator`, :func:`init_trackers`;
-- :func:`find_resume_checkpoint`, :func:`save_checkpoint`, :func:`load_checkpoint`;
+- :func:`add_common_args`, :func:`training_arg_parser`, :func:`check_dataset_args`,
+  :func:`check_pipeline_folder`, :func:`setup_logging`;
+- :func:`make_accelerator`, :func:`init_trackers`, :func:`weight_dtype_for`;
+- :func:`make_optimizer`, :func:`make_lr_scheduler`, :func:`prepare_training`, :func:`optimizer_step`;
+- :func:`find_resume_checkpoint`, :func:`save_checkpoint`, :func:`load_checkpoint`,
+  :func:`resume_training`, :func:`end_of_step_checkpoint`;
+- :func:`make_batch_sampler`, :func:`make_train_dataloader`, :func:`next_batch`,
+  :func:`seed_micro_step`, :func:`progress_bar`, :func:`add_running`, :func:`end_optimizer_step`,
+  :func:`log_running_means`
+  (the pieces of the training loops);
 - :class:`ResumableBatchSampler`, :func:`derive_seed`, :func:`step_generator`, :func:`seeded_collate`,
   :class:`IndexedBatchDataset` (deterministic data order, noise and augmentation that a resumed run
   reproduces exactly);
 - :func:`load_train_stories` (``--dataset`` / ``--data_dir`` / hidden ``--train_dataset_path``);
 - :func:`make_ema` (diffusers ``EMAModel``);
-- :func:`write_model_card`, :func:`push_folder_to_hub`;
-- :func:`state_dict_hash` (for cross-rank and resume checks).
+- :func:`write_model_card`, :func:`card_dataset_name`, :func:`push_folder_to_hub`,
+  :func:`push_output_to_hub`;
+- :func:`state_dict_hash`, :func:`dump_rank_hash` (for cross-rank and resume checks);
+- :func:`training_result`, :func:`finish_training` (the end of a stage-1 run).
 
 Determinism contract: the batch of micro-step ``i`` (data order, collator randomness, noise and
 timesteps) is a pure function of ``(seed, i, rank)``, so a run killed and restarted with
@@ -32,6 +41,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,21 +55,43 @@ __all__ = [
     "ResumableBatchSampler",
     "TrainingSetupError",
     "add_common_args",
+    "add_running",
+    "card_dataset_name",
     "check_dataset_args",
     "check_pipeline_folder",
     "derive_seed",
+    "dump_rank_hash",
+    "end_optimizer_step",
+    "end_of_step_checkpoint",
     "find_resume_checkpoint",
+    "finish_training",
     "init_trackers",
     "list_checkpoints",
     "load_checkpoint",
     "load_train_stories",
+    "log_running_means",
     "make_accelerator",
+    "make_batch_sampler",
     "make_ema",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "make_train_dataloader",
+    "next_batch",
+    "optimizer_step",
+    "prepare_training",
+    "progress_bar",
     "push_folder_to_hub",
+    "push_output_to_hub",
+    "resume_training",
     "save_checkpoint",
+    "seed_micro_step",
     "seeded_collate",
+    "setup_logging",
     "state_dict_hash",
     "step_generator",
+    "training_arg_parser",
+    "training_result",
+    "weight_dtype_for",
     "write_model_card",
 ]
 
@@ -160,6 +192,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--debug_dump_rank_hash", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def training_arg_parser(doc: str, *, allow_abbrev: bool = True, **defaults: Any) -> argparse.ArgumentParser:
+    """A script's parser: described by the first paragraph of ``doc`` (its module docstring), with the
+    :func:`add_common_args` options and the script's own ``defaults`` for them (``parser.set_defaults``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=allow_abbrev)
+    add_common_args(parser)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def setup_logging() -> None:
+    """The log format of the training scripts (INFO level), set at the start of ``main``."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -294,6 +341,73 @@ def init_trackers(accelerator: Any, args: argparse.Namespace, default_project: s
         accelerator.init_trackers(args.tracker_project_name or default_project, config=config)
 
 
+def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
+    """The dtype of the frozen weights under ``mixed_precision`` (``"fp16"``, ``"bf16"``; else float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+# ------------------------------------------------------------------------------- optimizer, schedule
+def make_optimizer(params: Iterable[Any], args: argparse.Namespace) -> torch.optim.AdamW:
+    """``AdamW`` over ``params`` (tensors or parameter groups) with the ``--learning_rate`` and
+    ``--adam_*`` options (groups that set their own ``weight_decay`` keep it)."""
+    return torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer: Any, num_processes: int = 1) -> Any:
+    """The diffusers schedule ``--lr_scheduler`` with ``--lr_warmup_steps`` and ``--max_train_steps``.
+
+    ``num_processes``: pass ``accelerator.num_processes`` for a scheduler given to
+    ``accelerator.prepare`` (which steps it once per process and optimizer step); keep 1 for a scheduler
+    stepped once per optimizer step (:func:`prepare_training`).
+    """
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
+def prepare_training(
+    accelerator: Any, model: Any, optimizer: Any, lr_scheduler: Any, ema: Any = None
+) -> tuple[Any, Any]:
+    """``accelerator.prepare(model, optimizer)``; the scheduler (stepped by the script once per optimizer
+    step) and the EMA (moved to the device) are registered for checkpointing. Returns ``(model, optimizer)``."""
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    return model, optimizer
+
+
+def optimizer_step(
+    accelerator: Any,
+    loss: torch.Tensor,
+    optimizer: Any,
+    parameters: Iterable[torch.nn.Parameter],
+    max_grad_norm: float | None,
+    lr_scheduler: Any = None,
+) -> None:
+    """Inside ``accelerator.accumulate``: backward, clip to ``max_grad_norm`` on synchronising micro-steps
+    (no clipping when it is 0 or ``None``), optimizer step, ``lr_scheduler`` step (a prepared one), zero grads."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """``checkpoint-<step>`` folders of ``output_dir``, oldest first."""
@@ -381,6 +495,48 @@ def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]
             f"Cannot tell the step of checkpoint {str(path)!r} (no {TRAINING_STATE_FILE})."
         )
     return {"global_step": int(match.group(1))}
+
+
+def resume_training(
+    accelerator: Any,
+    args: argparse.Namespace,
+    resume_path: str | os.PathLike | None,
+    sampler: ResumableBatchSampler,
+    log: Any = None,
+) -> int:
+    """Load ``resume_path`` (from :func:`find_resume_checkpoint`; ``None``: a fresh run) and return the
+    optimizer step to continue from.
+
+    The data order and accelerate's micro-step counter continue from micro-step
+    ``global_step * --gradient_accumulation_steps`` (``sampler.start_batch``, ``accelerator.step``).
+    ``log`` (default ``accelerator.print``) receives the "Resumed from ..." line.
+    """
+    global_step = 0
+    if resume_path:
+        global_step = int(load_checkpoint(accelerator, resume_path)["global_step"])
+        (log or accelerator.print)(f"Resumed from {resume_path} at step {global_step}.")
+    start_micro = global_step * args.gradient_accumulation_steps
+    accelerator.step = start_micro
+    sampler.start_batch = start_micro
+    return global_step
+
+
+def end_of_step_checkpoint(
+    accelerator: Any,
+    args: argparse.Namespace,
+    global_step: int,
+    *,
+    at_end: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """After optimizer step ``global_step``: :func:`save_checkpoint` every ``--checkpointing_steps`` (and at
+    ``--max_train_steps`` with ``at_end``); then stop with ``KeyboardInterrupt`` at the hidden
+    ``--debug_interrupt_at_step`` (scripts that have it), like a killed run."""
+    if global_step % args.checkpointing_steps == 0 or (at_end and global_step == args.max_train_steps):
+        save_checkpoint(accelerator, args, global_step, extra=extra)
+    stop_at = getattr(args, "debug_interrupt_at_step", None)
+    if stop_at and global_step == stop_at:
+        raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")
 
 
 # ------------------------------------------------------------------------------------ determinism
@@ -524,6 +680,103 @@ def load_train_stories(args: argparse.Namespace, split: str = "train", **kwargs:
     return load_story_dataset(args.dataset, data_dir=args.data_dir, split=split, seed=args.seed, **kwargs)
 
 
+def make_batch_sampler(
+    num_examples: int, args: argparse.Namespace, accelerator: Any
+) -> ResumableBatchSampler:
+    """This process's :class:`ResumableBatchSampler` (``--train_batch_size``, ``--seed``) over ``num_examples``;
+    raises ``TrainingSetupError`` when the data holds less than one global batch."""
+    return ResumableBatchSampler(
+        num_examples,
+        args.train_batch_size,
+        seed=args.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+
+
+def make_train_dataloader(
+    dataset: Any, sampler: ResumableBatchSampler, collator: Any, args: argparse.Namespace
+) -> torch.utils.data.DataLoader:
+    """The deterministic training loader: ``dataset`` batched by ``sampler`` and collated by ``collator``
+    reseeded per batch (:class:`IndexedBatchDataset`, :func:`seeded_collate`)."""
+    return torch.utils.data.DataLoader(
+        IndexedBatchDataset(dataset),
+        batch_sampler=sampler,
+        collate_fn=seeded_collate(collator, args.seed, sampler.rank),
+        num_workers=args.dataloader_num_workers,
+    )
+
+
+# ------------------------------------------------------------------------------------ training loop
+def progress_bar(accelerator: Any, args: argparse.Namespace, initial: int = 0) -> Any:
+    """The ``tqdm`` bar over ``--max_train_steps`` optimizer steps (shown on the local main process)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        range(args.max_train_steps),
+        initial=initial,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+
+
+def next_batch(data_iter: Iterator[dict[str, Any]], micro: int) -> dict[str, Any]:
+    """The next batch of a :func:`make_train_dataloader` loader, checked to be micro-step ``micro``'s."""
+    batch = next(data_iter)
+    if batch["batch_index"] != micro:
+        raise RuntimeError(f"Data order broke: batch {batch['batch_index']} at micro-step {micro}.")
+    return batch
+
+
+def seed_micro_step(args: argparse.Namespace, stream: str, micro: int, rank: int) -> torch.Generator:
+    """Seed micro-step ``micro``: torch's global generator (dropout...) from ``(seed, "torch", micro, rank)``;
+    returns the :func:`step_generator` of ``(seed, stream, micro, rank)`` for its noise and timesteps."""
+    generator = step_generator(args.seed, stream, micro, rank)
+    torch.manual_seed(derive_seed(args.seed, "torch", micro, rank))
+    return generator
+
+
+def add_running(
+    running: dict[str, float], values: Mapping[str, torch.Tensor], accumulation_steps: int
+) -> None:
+    """Add a micro-step's losses (``values``), divided by ``accumulation_steps``, to the step's ``running`` sums."""
+    for key, value in values.items():
+        running[key] = running.get(key, 0.0) + float(value.detach()) / accumulation_steps
+
+
+def end_optimizer_step(
+    lr_scheduler: Any,
+    ema: Any,
+    params: Iterable[torch.nn.Parameter],
+    progress: Any,
+    step_times: list[float],
+    tick: float,
+) -> float:
+    """After a synchronising micro-step (one optimizer step done): step the scheduler (one not given to
+    ``accelerator.prepare``) and the EMA, append the step's wall time since ``tick`` (data loading
+    included) to ``step_times`` and advance ``progress``. Returns the new ``tick``."""
+    lr_scheduler.step()
+    if ema is not None:
+        ema.step(params)
+    now = time.perf_counter()
+    step_times.append(now - tick)
+    progress.update(1)
+    return now
+
+
+def log_running_means(
+    accelerator: Any, running: Mapping[str, float], lr_scheduler: Any, step_time: float, global_step: int
+) -> dict[str, float]:
+    """Average the step's ``running`` sums over the processes, add ``lr`` and ``step_time_s``, log them at
+    ``global_step`` and return them."""
+    keys = sorted(running)
+    totals = accelerator.reduce(torch.tensor([running[k] for k in keys], device=accelerator.device), "mean")
+    logs = {k: float(v) for k, v in zip(keys, totals.tolist())}
+    logs |= {"lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
+    accelerator.log(logs, step=global_step)
+    return logs
+
+
 # -------------------------------------------------------------------------------------------- EMA
 def make_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.999, **kwargs: Any) -> Any:
     """A diffusers ``EMAModel`` over ``parameters`` (register it with ``accelerator.register_for_checkpointing``).
@@ -544,6 +797,39 @@ def state_dict_hash(module: torch.nn.Module | Mapping[str, torch.Tensor]) -> str
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def dump_rank_hash(args: argparse.Namespace, rank: int, module: torch.nn.Module) -> None:
+    """With the hidden ``--debug_dump_rank_hash``: write ``output_dir/rank{rank}.txt``, the
+    :func:`state_dict_hash` of ``module`` (the multi-process tests compare the ranks' files)."""
+    if args.debug_dump_rank_hash:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / f"rank{rank}.txt").write_text(state_dict_hash(module) + "\n")
+
+
+# --------------------------------------------------------------------------------------- end of run
+def training_result(
+    args: argparse.Namespace, global_step: int, logs: Mapping[str, float], step_times: Sequence[float]
+) -> dict[str, Any]:
+    """The dict a stage-1 ``main`` returns: ``output_dir``, ``global_step``, the last ``logs`` and the
+    mean step time of this session (``None`` when it ran no step)."""
+    return {
+        "output_dir": args.output_dir,
+        "global_step": global_step,
+        "logs": logs,
+        "mean_step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
+    }
+
+
+def finish_training(accelerator: Any, args: argparse.Namespace, result: Mapping[str, Any]) -> None:
+    """Wait for every process, end the trackers and print the summary line of a :func:`training_result`."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if result["mean_step_time_s"] is not None:
+        accelerator.print(
+            f"Done: {result['global_step']} steps, mean {result['mean_step_time_s']:.3f} s/step this session; "
+            f"final model in {args.output_dir}."
+        )
 
 
 # ------------------------------------------------------------------------------------- model cards
@@ -647,3 +933,16 @@ def push_folder_to_hub(
         ignore_patterns=list(ignore_patterns),
     )
     return str(getattr(info, "commit_url", info))
+
+
+def card_dataset_name(args: argparse.Namespace) -> str:
+    """The training data as model cards name it: ``--dataset``, marked when ``--train_dataset_path`` gave a
+    custom copy."""
+    return args.dataset if not args.train_dataset_path else f"{args.dataset} (custom copy)"
+
+
+def push_output_to_hub(args: argparse.Namespace) -> str:
+    """:func:`push_folder_to_hub` of ``--output_dir`` to ``--hub_model_id`` (default: the folder's name),
+    with ``--hub_token`` and ``--hub_private``; returns the commit URL."""
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    return push_folder_to_hub(args.output_dir, repo_id, args.hub_token, args.hub_private or None)

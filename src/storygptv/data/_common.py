@@ -28,6 +28,7 @@ __all__ = [
     "normalize_split",
     "pick_frame_index",
     "read_npy_frame",
+    "release_story_dataset",
     "require_file",
     "story_features",
 ]
@@ -361,3 +362,87 @@ def assemble_row(
         "background": [r.background for r in records],
         "background_labels": [list(map(int, r.background_labels)) for r in records],
     }
+
+
+#: ``(referential captions, ref flags)`` of a story's frame records.
+ReferentialRule = Callable[[list[FrameRecord]], tuple[list[str], list[bool]]]
+
+
+def release_story_dataset(
+    label: str,
+    root: Path,
+    split: str,
+    stories: list[list[str]],
+    frame_record: Callable[[str], FrameRecord],
+    index_files: Iterable[Path],
+    *,
+    name: str,
+    layout: str,
+    frames_per_story: int,
+    referential: bool,
+    referential_rule: ReferentialRule,
+    compat: str | None,
+    seed: int,
+    frame_index: int | None,
+    num_stories: int | None,
+    bbox_resolution: int,
+    sam_model: Any = None,
+    sam_processor: Any = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    story_key: Callable[[str], str] | None = None,
+    **cache_key: Any,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The end of a release loader (FlintstonesSV, PororoSV ``label``): the dataset of ``stories``.
+
+    Keeps the first ``num_stories`` stories (an empty dataset, with a warning, when none is left). Each
+    row reads its frames with ``frame_record`` (a story with an unreadable frame is skipped with a
+    warning naming ``story_key(first frame id)``, and one summary warning counts them), takes its
+    referential captions from ``referential_rule`` (when ``referential``) and finalises the frames
+    (SAM-refined box masks with ``sam_model``). The Arrow cache is keyed by the loader arguments
+    (``name`` ... ``bbox_resolution`` and the loader's own ``cache_key``) and the ``index_files``; a
+    SAM run is never reused.
+    """
+    if num_stories is not None:
+        stories = stories[: int(num_stories)]
+    if not stories:
+        warnings.warn(f"{label} {split}: no story found in {str(root)!r}.", stacklevel=3)
+        return empty_dataset(split)
+
+    def generate() -> Iterator[dict[str, Any]]:
+        stats = LoadStats()
+        for story in stories:
+            try:
+                records = [frame_record(frame_id) for frame_id in story]
+            except UnreadableFrameError as error:
+                stats.skip(story_key(story[0]) if story_key else story[0], str(error))
+                continue
+            stats.stories += 1
+            captions = [r.caption for r in records]
+            if referential:
+                ref_captions, flags = referential_rule(records)
+            else:
+                ref_captions, flags = list(captions), [False] * len(captions)
+            frames = [finalize_frame(r, sam_model, sam_processor) for r in records]
+            yield assemble_row(records[0].frame_id, frames, records, ref_captions, flags)
+        stats.summary(f"{label} {split}")
+
+    fingerprint = fingerprint_of(
+        {
+            "name": name,
+            "root": str(root.resolve()),
+            "layout": layout,
+            "split": split,
+            "frames_per_story": frames_per_story,
+            "referential": referential,
+            "compat": compat,
+            "seed": seed,
+            "frame_index": frame_index,
+            "num_stories": num_stories,
+            "bbox_resolution": bbox_resolution,
+            **cache_key,
+        },
+        index_files,
+        uncacheable=sam_model is not None,
+    )
+    return build_story_dataset(generate, fingerprint, streaming=streaming, cache_dir=cache_dir, split=split)

@@ -48,8 +48,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +57,13 @@ import PIL.Image
 
 from ._common import (
     FrameRecord,
-    LoadStats,
     UnreadableFrameError,
-    assemble_row,
-    build_story_dataset,
-    empty_dataset,
-    finalize_frame,
-    fingerprint_of,
     multi_hot,
     normalize_split,
     parse_segments,
     read_npy_frame,
     read_segment_mask,
+    release_story_dataset,
     require_file,
 )
 from .referential import FLINTSTONES_FEMALE, FLINTSTONES_MALE, flintstones_referential, normalize_compat
@@ -258,11 +251,6 @@ def load_flintstones(
         for first in ids
         if first in followings and len(followings[first]) >= frames_per_story - 1
     ]
-    if num_stories is not None:
-        stories = stories[: int(num_stories)]
-    if not stories:
-        warnings.warn(f"FlintstonesSV {split}: no story found in {str(root)!r}.", stacklevel=2)
-        return empty_dataset(split)
 
     def frame_record(frame_id: str) -> FrameRecord:
         path = frame_dir / f"{frame_id}.npy"
@@ -315,41 +303,29 @@ def load_flintstones(
             background_labels=bg,
         )
 
-    def generate() -> Iterator[dict[str, Any]]:
-        stats = LoadStats()
-        for story in stories:
-            try:
-                records = [frame_record(fid) for fid in story]
-            except UnreadableFrameError as error:
-                stats.skip(story[0], str(error))
-                continue
-            stats.stories += 1
-            captions = [r.caption for r in records]
-            if referential:
-                ref_captions, flags = flintstones_referential(
-                    captions, [r.referential_set for r in records], compat=compat
-                )
-            else:
-                ref_captions, flags = list(captions), [False] * len(captions)
-            frames = [finalize_frame(r, sam_model, sam_processor) for r in records]
-            yield assemble_row(story[0], frames, records, ref_captions, flags)
-        stats.summary(f"FlintstonesSV {split}")
+    def referential_rule(records: list[FrameRecord]) -> tuple[list[str], list[bool]]:
+        captions = [r.caption for r in records]
+        return flintstones_referential(captions, [r.referential_set for r in records], compat=compat)
 
-    fingerprint = fingerprint_of(
-        {
-            "name": "flintstones",
-            "root": str(root.resolve()),
-            "layout": layout,
-            "split": split,
-            "frames_per_story": frames_per_story,
-            "referential": referential,
-            "compat": compat,
-            "seed": seed,
-            "frame_index": frame_index,
-            "num_stories": num_stories,
-            "bbox_resolution": bbox_resolution,
-        },
+    return release_story_dataset(
+        "FlintstonesSV",
+        root,
+        split,
+        stories,
+        frame_record,
         index_files,
-        uncacheable=sam_model is not None,
+        name="flintstones",
+        layout=layout,
+        frames_per_story=frames_per_story,
+        referential=referential,
+        referential_rule=referential_rule,
+        compat=compat,
+        seed=seed,
+        frame_index=frame_index,
+        num_stories=num_stories,
+        bbox_resolution=bbox_resolution,
+        sam_model=sam_model,
+        sam_processor=sam_processor,
+        streaming=streaming,
+        cache_dir=cache_dir,
     )
-    return build_story_dataset(generate, fingerprint, streaming=streaming, cache_dir=cache_dir, split=split)

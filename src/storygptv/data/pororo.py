@@ -57,9 +57,8 @@ import json
 import math
 import pickle
 import re
-import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +68,23 @@ import PIL.Image
 
 from ._common import (
     FrameRecord,
-    LoadStats,
     UnreadableFrameError,
-    assemble_row,
-    build_story_dataset,
-    empty_dataset,
-    finalize_frame,
-    fingerprint_of,
     multi_hot,
     normalize_split,
     parse_segments,
     pick_frame_index,
     read_npy_frame,
     read_segment_mask,
+    release_story_dataset,
     require_file,
 )
-from .referential import PORORO_FEMALE, PORORO_MALE, normalize_compat, pororo_referential
+from .referential import (
+    PORORO_CHARACTERS,
+    PORORO_FEMALE,
+    PORORO_MALE,
+    normalize_compat,
+    pororo_referential,
+)
 
 __all__ = [
     "CHARACTERS",
@@ -98,17 +98,7 @@ __all__ = [
 ]
 
 #: Label order of ``labels.npy`` (and of ``character_labels``).
-CHARACTERS: tuple[str, ...] = (
-    "Pororo",
-    "Loopy",
-    "Crong",
-    "Eddy",
-    "Poby",
-    "Petty",
-    "Tongtong",
-    "Rody",
-    "Harry",
-)
+CHARACTERS: tuple[str, ...] = PORORO_CHARACTERS
 #: Names referred to as "She" / "He".
 FEMALE: tuple[str, ...] = PORORO_FEMALE
 MALE: tuple[str, ...] = PORORO_MALE
@@ -274,49 +264,30 @@ def load_pororo(
         stories, frame_record, index_files = _storygan_plan(
             root, split, frames_per_story, seed, frame_index, caption_index
         )
-    if num_stories is not None:
-        stories = stories[: int(num_stories)]
-    if not stories:
-        warnings.warn(f"PororoSV {split}: no story found in {str(root)!r}.", stacklevel=2)
-        return empty_dataset(split)
-
-    def generate() -> Iterator[dict[str, Any]]:
-        stats = LoadStats()
-        for story in stories:
-            try:
-                records = [frame_record(p) for p in story]
-            except UnreadableFrameError as error:
-                stats.skip(_frame_id(story[0]), str(error))
-                continue
-            stats.stories += 1
-            captions = [r.caption for r in records]
-            if referential:
-                ref_captions, flags = pororo_referential(captions, compat=compat)
-            else:
-                ref_captions, flags = list(captions), [False] * len(captions)
-            frames = [finalize_frame(r, sam_model, sam_processor) for r in records]
-            yield assemble_row(records[0].frame_id, frames, records, ref_captions, flags)
-        stats.summary(f"PororoSV {split}")
-
-    fingerprint = fingerprint_of(
-        {
-            "name": "pororo",
-            "root": str(root.resolve()),
-            "split": split,
-            "frames_per_story": frames_per_story,
-            "referential": referential,
-            "compat": compat,
-            "seed": seed,
-            "frame_index": frame_index,
-            "num_stories": num_stories,
-            "caption_index": caption_index,
-            "layout": layout,
-            "bbox_resolution": bbox_resolution,
-        },
+    return release_story_dataset(
+        "PororoSV",
+        root,
+        split,
+        stories,
+        frame_record,
         index_files,
-        uncacheable=sam_model is not None,
+        name="pororo",
+        layout=layout,
+        frames_per_story=frames_per_story,
+        referential=referential,
+        referential_rule=lambda records: pororo_referential([r.caption for r in records], compat=compat),
+        compat=compat,
+        seed=seed,
+        frame_index=frame_index,
+        num_stories=num_stories,
+        bbox_resolution=bbox_resolution,
+        sam_model=sam_model,
+        sam_processor=sam_processor,
+        streaming=streaming,
+        cache_dir=cache_dir,
+        story_key=_frame_id,
+        caption_index=caption_index,
     )
-    return build_story_dataset(generate, fingerprint, streaming=streaming, cache_dir=cache_dir, split=split)
 
 
 _FrameReader = Callable[[str], FrameRecord]

@@ -64,6 +64,7 @@ __all__ = [
     "COMPAT_MODES",
     "FLINTSTONES_FEMALE",
     "FLINTSTONES_MALE",
+    "PORORO_CHARACTERS",
     "PORORO_FEMALE",
     "PORORO_MALE",
     "PORORO_NAMES",
@@ -79,7 +80,8 @@ COMPAT_MODES: tuple[str, ...] = ("make-a-story", "storygptv")
 FLINTSTONES_FEMALE: tuple[str, ...] = ("wilma", "betty", "pebbles")
 FLINTSTONES_MALE: tuple[str, ...] = ("fred", "barney", "mr slate", "dino")
 
-_PORORO_BASE: tuple[str, ...] = (
+#: The 9 PororoSV characters (also the label order of the release's ``labels.npy``).
+PORORO_CHARACTERS: tuple[str, ...] = (
     "Pororo",
     "Loopy",
     "Crong",
@@ -91,9 +93,9 @@ _PORORO_BASE: tuple[str, ...] = (
     "Harry",
 )
 PORORO_FEMALE: tuple[str, ...] = ("Petty", "Loopy")
-PORORO_MALE: tuple[str, ...] = tuple(n for n in _PORORO_BASE if n not in PORORO_FEMALE)
+PORORO_MALE: tuple[str, ...] = tuple(n for n in PORORO_CHARACTERS if n not in PORORO_FEMALE)
 #: The 18 searched names, in search-priority order: capitalised, then lower-case.
-PORORO_NAMES: tuple[str, ...] = _PORORO_BASE + tuple(n.lower() for n in _PORORO_BASE)
+PORORO_NAMES: tuple[str, ...] = PORORO_CHARACTERS + tuple(n.lower() for n in PORORO_CHARACTERS)
 
 _SENTENCE_END = re.compile(r"[.!?]\s*$")
 

@@ -83,6 +83,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from ._common import STORY_COLUMNS
+
 __all__ = [
     "ACTIONS",
     "BACKGROUNDS",
@@ -762,21 +764,6 @@ def sample_stories(
 # datasets
 # --------------------------------------------------------------------------------------------------
 
-_COLUMNS = (  # the common story schema (storygptv.data.STORY_COLUMNS), in order
-    "story_id",
-    "frame_ids",
-    "images",
-    "captions",
-    "referential_captions",
-    "is_referential",
-    "characters",
-    "boxes",
-    "segmentation",
-    "character_labels",
-    "background",
-    "background_labels",
-)
-
 
 def synthsv_features() -> Any:
     """The :class:`datasets.Features` of the package's common story schema (used by :func:`load_synthsv`)."""
@@ -899,7 +886,7 @@ def render_synthsv_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out["images"] = all_images
     if want_seg:
         out["segmentation"] = all_segs
-    ordered = {key: out[key] for key in _COLUMNS if key in out}
+    ordered = {key: out[key] for key in STORY_COLUMNS if key in out}
     ordered.update((key, value) for key, value in out.items() if key not in ordered)
     return ordered
 
@@ -965,12 +952,12 @@ def load_synthsv(
                 "seed": seed,
             },
         )
-    columns: dict[str, list[Any]] = {key: [] for key in _COLUMNS}
+    columns: dict[str, list[Any]] = {key: [] for key in STORY_COLUMNS}
     accepted = _sample_accepted(range(num_stories), split, frames_per_story, seed)
     for index in range(num_stories):
         _, raw, captions = accepted[index]
         row = _raw_row(split, seed, index, raw, captions, referential)
-        for key in _COLUMNS:
+        for key in STORY_COLUMNS:
             columns[key].append(row[key])
     # pyarrow directly: ~4x faster than Dataset.from_dict for nested lists.
     table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
