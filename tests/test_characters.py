@@ -4,7 +4,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoTokenizer  # noqa: F401  (the tokenizer classes are transformers')
 
 from storygptv.characters import (
     find_character_mentions,
@@ -141,3 +140,12 @@ def test_normalize_characters():
         normalize_characters([{"Fred": image}], 2)
     with pytest.raises(TypeError, match="`characters` has type str"):
         normalize_characters("Fred", 1)
+
+
+def test_slow_tokenizer_is_a_clear_error():
+    class SlowTokenizer:
+        is_fast = False
+        model_max_length = 77
+
+    with pytest.raises(TypeError, match="needs a fast tokenizer"):
+        find_character_tokens("Fred is here.", ["Fred"], SlowTokenizer())

@@ -114,6 +114,11 @@ def locate_character_tokens(
     """
     if max_length is None:
         max_length = tokenizer.model_max_length
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"Locating character names needs a fast tokenizer (with offset mappings), got "
+            f"{type(tokenizer).__name__}; load it with `AutoTokenizer.from_pretrained(..., use_fast=True)`."
+        )
     encoding = tokenizer(caption, truncation=True, max_length=max_length, return_offsets_mapping=True)
     offsets = [tuple(span) for span in encoding["offset_mapping"]]
     resolved = []
