@@ -6,9 +6,10 @@ rarer words into several sub-tokens, which is what the name-position logic must 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 __all__ = ["DEFAULT_CORPUS", "build_bpe_tokenizer"]
@@ -66,19 +67,14 @@ def build_bpe_tokenizer(
     alphabet = sorted(set("".join(corpus)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-"))
     if style == "clip":
         alphabet = sorted({c.lower() for c in alphabet})
-    tokenizer = Tokenizer(models.BPE(unk_token=unk, end_of_word_suffix=suffix))
-    norm = [normalizers.NFC()] + ([normalizers.Lowercase()] if style == "clip" else [])
-    tokenizer.normalizer = normalizers.Sequence(norm)
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=alphabet,
-        end_of_word_suffix=suffix,
-        show_progress=False,
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC()] + ([normalizers.Lowercase()] if style == "clip" else [])
     )
-    # Every character also as a word of its own, so that punctuation gets its "x</w>" token.
-    tokenizer.train_from_iterator(corpus + [" ".join(alphabet)], trainer)
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    vocab, merges = _train_bpe(corpus, alphabet, specials, vocab_size, suffix, normalizer, pre_tokenizer)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, end_of_word_suffix=suffix))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     bos_id, eos_id = tokenizer.token_to_id(bos), tokenizer.token_to_id(eos)
     if style == "clip":
         template = processors.TemplateProcessing(
@@ -105,3 +101,52 @@ def build_bpe_tokenizer(
     if extra:
         wrapped.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
     return wrapped
+
+
+def _train_bpe(
+    corpus: list[str],
+    alphabet: list[str],
+    specials: list[str],
+    vocab_size: int,
+    suffix: str,
+    normalizer: normalizers.Normalizer,
+    pre_tokenizer: pre_tokenizers.PreTokenizer,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-pair encoding learnt in Python so that the result is deterministic.
+
+    The `tokenizers` trainer breaks ties between equally frequent pairs in hash-map order, which changes
+    from process to process; here ties go to the lexicographically smallest pair. The corpora are small
+    (a few dozen distinct words), so this costs milliseconds.
+    """
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] += 1
+    words = {word: [*word[:-1], word[-1] + suffix] for word in counts}
+    tokens = list(specials) + alphabet + [c + suffix for c in alphabet]
+    known = set(tokens)
+    merges: list[tuple[str, str]] = []
+    while len(tokens) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merged = best[0] + best[1]
+        merges.append(best)
+        if merged not in known:
+            known.add(merged)
+            tokens.append(merged)
+        for word, symbols in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            words[word] = out
+    return {token: index for index, token in enumerate(tokens)}, merges
