@@ -79,6 +79,7 @@ def run_story_pipeline(
                 characters=cast,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
+                start_merge_step=args.start_merge_step,
                 generator=torch.Generator().manual_seed(args.seed + index),
                 output_type="np",
             )
@@ -98,6 +99,7 @@ def run_char_ldm(pipe: CharLDMPipeline, stories, cast, args) -> list[Any]:
             characters=cast,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale,
+            start_merge_step=args.start_merge_step,
             generator=torch.Generator().manual_seed(args.seed + start),
             output_type="np",
         )
@@ -121,6 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "--batch_size", type=int, default=32, help="frames per batch for the Char-LDM variants"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--start_merge_step",
+        type=int,
+        default=None,
+        help="first denoising step with the fused / LLM conditioning (default: the pipelines' default)",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     print(
         f"SynthSV {args.split}: {args.stories} stories x {args.frames} frames, referential captions, "
-        f"{args.steps} steps, guidance {args.guidance_scale}, seed {args.seed}, model {args.model}"
+        f"{args.steps} steps, guidance {args.guidance_scale}, start_merge_step {args.start_merge_step}, "
+        f"seed {args.seed}, model {args.model}"
     )
     header = (
         f"| {'variant':<22} | Char-Acc | Char-F1 | BG-Acc | pronoun Char-Acc | pronoun BG-Acc | seconds |"

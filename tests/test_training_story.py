@@ -171,6 +171,41 @@ def test_precompute_resumes_without_redoing_finished_shards(precompute, targets_
         precompute.main([*argv, "--target_type", "text"])
 
 
+def test_name_background_restores_the_setting_of_the_target_caption(precompute, char_ldm_dir, work):
+    from storygptv import CharLDMPipeline
+    from storygptv.data import load_story_dataset
+    from storygptv.data.synthsv import reference_images
+
+    assert (
+        precompute.with_background("Bo and Ava are waving.", "lake") == "Bo and Ava are waving in the lake."
+    )
+    assert precompute.with_background("Bo sits in the Lake.", "lake") == "Bo sits in the Lake."
+    assert precompute.with_background("Bo sits", "cave") == "Bo sits in the cave."
+    with pytest.raises(TrainingSetupError, match="background"):
+        precompute.target_captions({"story_id": "x"}, ["Bo sits."], name_background=True)
+
+    out = work / "targets_named_background"
+    precompute.main(
+        [
+            "--pretrained_model_name_or_path", str(char_ldm_dir), "--dataset", "synthsv",
+            "--num_stories", "6", "--output_dir", str(out), "--name_background", "--no_store_images",
+        ]
+    )  # fmt: skip
+    data = precompute.load_precomputed_targets(out)
+    stories = load_story_dataset("synthsv", split="train", num_stories=6)
+    pipe = CharLDMPipeline.from_pretrained(char_ldm_dir)
+    refs = reference_images()
+    implicit = 0
+    for row, story in zip(data, stories):
+        assert row["captions"] == story["captions"]  # the stored captions stay the originals
+        named = [precompute.with_background(c, b) for c, b in zip(story["captions"], story["background"])]
+        implicit += sum(a != b for a, b in zip(named, story["captions"]))
+        cast = {n: refs[n] for frame in story["characters"] for n in frame}
+        expected = pipe.encode_fused(named, cast, warn=False).prompt_embeds
+        torch.testing.assert_close(row["target_conditioning"], expected, rtol=1e-5, atol=1e-5)
+    assert implicit > 0  # the sample has frames whose caption leaves the setting implicit
+
+
 # -------------------------------------------------------------------------------------- train_storygptv
 def test_stage2_end_to_end_whole_pipeline(stage2, char_ldm_dir, lm_dir, targets_dir, work):
     from storygptv.data.synthsv import reference_images

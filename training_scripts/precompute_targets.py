@@ -6,7 +6,9 @@ For every frame of every story this computes, with the frozen Char-LDM of ``--pr
 - ``target_conditioning``: the alignment target, i.e. the Char-LDM conditioning (``77 x d``) of the frame's
   **original, non-referential** caption with the fixed reference image of each named character fused in
   (``--target_type fused``, the paper's Emb_fuse), or the plain CLIP text embedding of that caption
-  (``--target_type text``, the Emb_text ablation);
+  (``--target_type text``, the Emb_text ablation). With ``--name_background`` the caption also states the
+  frame's setting when it leaves it implicit ("Bo is waving." -> "Bo is waving in the lake."), so the story
+  model learns to carry the setting over from earlier frames as it carries the names (used for SynthSV);
 - ``image_embeds``: the CLIP embedding of the ground-truth frame that the story LLM reads, computed with
   :func:`storygptv.pipelines.pipeline_storygptv.encode_story_images` (the very function the pipeline uses at
   inference).
@@ -35,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -70,6 +73,7 @@ _IDENTITY_KEYS = (
     "store_images",
     "reference_images_dir",
     "max_characters",
+    "name_background",
 )
 
 
@@ -102,6 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused: Char-LDM fused embedding (paper, Emb_fuse); text: plain CLIP text embedding (Emb_text).",
     )
     parser.add_argument("--max_characters", type=int, default=None, help="Characters fused per caption.")
+    parser.add_argument(
+        "--name_background",
+        action="store_true",
+        help="Target the caption with its setting restored too: a caption that does not name the frame's "
+        "background gets ' in the <background>' before its final period. Stories often leave the setting "
+        "implicit after it is first named (SynthSV: 43%% of frames); with this flag the story model learns "
+        "to carry it over from the earlier frames, as it does for the names. Needs a `background` column.",
+    )
     parser.add_argument("--shard_size", type=int, default=256, help="Stories per shard (the unit of resume).")
     parser.add_argument("--batch_size", type=int, default=32, help="Frames per encoder batch.")
     parser.add_argument(
@@ -275,6 +287,35 @@ def _row_frames(row: Mapping[str, Any], index: int) -> tuple[list[str], list[str
     return captions, referential, images
 
 
+def with_background(caption: str, background: str) -> str:
+    """``caption`` with ``" in the <background>"`` before its final period, unless it already names it.
+
+    >>> with_background("Bo and Ava are waving.", "lake")
+    'Bo and Ava are waving in the lake.'
+    >>> with_background("Bo is talking in the lake.", "lake")
+    'Bo is talking in the lake.'
+    """
+    background = background.strip().lower()
+    if not background or re.search(rf"\b{re.escape(background)}\b", caption, flags=re.IGNORECASE):
+        return caption
+    body = caption.rstrip()
+    end = body[-1] if body and body[-1] in ".!?" else ""
+    return f"{body[: len(body) - len(end)]} in the {background}{end or '.'}"
+
+
+def target_captions(row: Mapping[str, Any], captions: list[str], name_background: bool) -> list[str]:
+    """The captions whose conditioning is the target: the originals, with the setting restored if asked."""
+    if not name_background:
+        return captions
+    backgrounds = list(row.get("background") or [])
+    if len(backgrounds) != len(captions) or not all(backgrounds):
+        raise tu.TrainingSetupError(
+            f"--name_background needs a `background` label for every frame; story "
+            f"{row.get('story_id')!r} has {backgrounds!r}. Drop the flag for datasets without one."
+        )
+    return [with_background(c, str(b)) for c, b in zip(captions, backgrounds)]
+
+
 def compute_shard(
     stories: Any,
     indices: range,
@@ -282,6 +323,7 @@ def compute_shard(
     refs: Mapping[str, Any],
     features: Any,
     store_images: bool,
+    name_background: bool = False,
 ) -> Any:
     """The dataset of one shard (stories ``indices``)."""
     import datasets
@@ -291,7 +333,7 @@ def compute_shard(
     for i, row in zip(indices, rows):
         captions, referential, images = _row_frames(row, i)
         cast = story_cast(row, refs)
-        all_captions += captions
+        all_captions += target_captions(row, captions, name_background)
         all_casts += [cast] * len(captions)
         all_images += images
         sizes.append(len(captions))
@@ -341,6 +383,10 @@ def main(argv: list[str] | None = None) -> Path:
     if "captions" not in stories.column_names:
         raise tu.TrainingSetupError(
             f"The stories have no `captions` column (columns: {stories.column_names})."
+        )
+    if args.name_background and "background" not in stories.column_names:
+        raise tu.TrainingSetupError(
+            f"--name_background needs a `background` column; the stories have {stories.column_names}."
         )
     if args.store_images and "images" not in stories.column_names:
         raise tu.TrainingSetupError(
@@ -399,7 +445,9 @@ def main(argv: list[str] | None = None) -> Path:
             continue
         started = time.perf_counter()
         indices = range(index * args.shard_size, min(num_stories, (index + 1) * args.shard_size))
-        shard = compute_shard(stories, indices, encoder, refs, features, args.store_images)
+        shard = compute_shard(
+            stories, indices, encoder, refs, features, args.store_images, args.name_background
+        )
         tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         shard.save_to_disk(str(tmp))
