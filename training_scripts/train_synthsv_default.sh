@@ -12,12 +12,12 @@ cd "$(dirname "$0")/.."
 
 OUT=${1:-runs/synthsv_default}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-VAE_STEPS=${VAE_STEPS:-4000}
-CHAR_LDM_STEPS=${CHAR_LDM_STEPS:-6000}
+VAE_STEPS=${VAE_STEPS:-3000}
+CHAR_LDM_STEPS=${CHAR_LDM_STEPS:-5500}
 LM_STEPS=${LM_STEPS:-1500}
 TARGET_STORIES=${TARGET_STORIES:-4000}
 STAGE2_STEPS=${STAGE2_STEPS:-2000}
-EVAL_STORIES=${EVAL_STORIES:-100}
+EVAL_STORIES=${EVAL_STORIES:-50}
 CONFIGS=training_scripts/configs/synthsv_small
 mkdir -p "$OUT"
 
@@ -48,7 +48,7 @@ python training_scripts/train_text_lm.py --dataset synthsv --output_dir "$OUT/lm
 
 echo "== 5/6 stage-2 targets (${TARGET_STORIES} stories) and stage 2 (${STAGE2_STEPS} steps)"
 python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$OUT/char_ldm" \
-    --dataset synthsv --num_stories "$TARGET_STORIES" --output_dir "$OUT/targets"
+    --dataset synthsv --num_stories "$TARGET_STORIES" --name_background --output_dir "$OUT/targets"
 python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT/char_ldm" \
     --language_model_name_or_path "$OUT/lm" --targets_dir "$OUT/targets" --output_dir "$OUT/storygptv" \
     --mapper_hidden_size 128 --mapper_num_heads 4 --mapper_num_layers 2 --mapper_ffn_dim 512 \
@@ -58,5 +58,5 @@ python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT
 cp -r "$OUT/char_ldm_init/characters" "$OUT/storygptv/" 2>/dev/null || true
 
 echo "== 6/6 quality on SynthSV test stories"
-python benchmarks/synthsv_quality.py --model "$OUT/storygptv" --stories "$EVAL_STORIES" --steps 20 \
-    --guidance_scale 4
+python benchmarks/synthsv_quality.py --model "$OUT/storygptv" --stories "$EVAL_STORIES" --steps 30 \
+    --guidance_scale 5
