@@ -283,6 +283,55 @@ def test_resume_after_kill_gives_the_same_weights(
         assert torch.equal(wa[key], wb[key]), key
 
 
+def test_validation_exports_the_best_step(stage2, precompute, char_ldm_dir, lm_dir, targets_dir, work):
+    from safetensors.torch import load_file
+
+    from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration
+
+    val_dir = work / "targets_validation"
+    precompute.main(
+        [
+            "--pretrained_model_name_or_path", str(char_ldm_dir), "--dataset", "synthsv", "--split", "validation",
+            "--num_stories", "3", "--no_store_images", "--output_dir", str(val_dir),
+        ]
+    )  # fmt: skip
+    common = (
+        "--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 1, "--learning_rate", 0.05,
+        "--validation_targets_dir", val_dir, "--save_story_model_only",
+    )  # fmt: skip
+    out = work / "validated"
+    stage2.main(stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, *common))
+    summary = json.loads((out / "train_summary.json").read_text())
+    best = json.loads((out / stage2.BEST_DIR / "best.json").read_text())
+    assert summary["best_validation"] == best and summary["exported_step"] == best["step"]
+
+    # The exported model is the best step's, and it scores what was recorded on the validation stories.
+    model = StoryGPTVForConditionalGeneration.from_pretrained(out)
+    exported = stage2.trainable_state_dict(model)
+    saved = load_file(str(out / stage2.BEST_DIR / stage2.TRAINABLE_FILE))
+    assert exported.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(exported[key], saved[key], rtol=0, atol=0)
+    from transformers import AutoTokenizer
+
+    data = precompute.load_precomputed_targets(val_dir)
+    collator = stage2.Stage2Collator(AutoTokenizer.from_pretrained(out), model.config, stage2.parse_args(
+        stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, *common)), None)  # fmt: skip
+    rescored = stage2.AlignmentValidator(data, collator, work / "unused", 2, resumed_step=0).score(
+        model, torch.device("cpu")
+    )
+    assert rescored == pytest.approx(best["align_loss"], rel=1e-3)  # attention kernels may differ
+
+    # --export_last: the final folder holds the last step's weights, the best step is still recorded.
+    last = work / "validated_last"
+    stage2.main(stage2_argv(char_ldm_dir, lm_dir, targets_dir, last, *common, "--export_last"))
+    assert json.loads((last / "train_summary.json").read_text())["exported_step"] == 4
+    exported = stage2.trainable_state_dict(StoryGPTVForConditionalGeneration.from_pretrained(last))
+    final = load_file(str(last / "checkpoint-4" / stage2.TRAINABLE_FILE))
+    for key in final:
+        torch.testing.assert_close(exported[key], final[key], rtol=0, atol=0)
+
+
 def test_img_loss_gradient_reaches_the_mapper(stage2):
     from diffusers import DDPMScheduler
 

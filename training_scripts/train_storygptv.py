@@ -20,6 +20,12 @@ Presets (``--loss_preset``; explicit ``--*_loss_weight`` options override them):
 ``reference_v1`` (0.5, 1, 0: public code, v1 script), ``reference_v2`` (0.5, 0, 1: public code, v2 script;
 alignment still logged). Without a preset: 0.5 / 1.0 / 1.0 (the paper's terms with the code's CE scale).
 
+Validation (``--validation_targets_dir``, a ``precompute_targets.py`` output of held-out stories): every
+``--validation_steps`` steps the mean L_align over one fixed target frame per validation story is logged, and the
+trained weights of the best step so far are kept in ``<output_dir>/best_alignment/``. The final folder then holds
+the best step's weights (the paper's rule: lowest validation alignment distance); ``--export_last`` keeps the
+last step's instead.
+
 After every optimizer step the ``[IMG]`` rows are rescaled to the mean norm of the frozen rows. The final folder
 is a whole :class:`storygptv.pipelines.pipeline_storygptv.StoryGPTVPipeline` (Char-LDM components of
 ``--pretrained_model_name_or_path`` + the trained story model and its tokenizer), or only the story model with
@@ -146,6 +152,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fused",
         help="(on-the-fly targets) Emb_fuse / Emb_text.",
     )
+    g.add_argument(
+        "--validation_targets_dir",
+        default=None,
+        help="precompute_targets.py output of held-out stories (e.g. --split validation): validate L_align on "
+        "it and export the best step's weights.",
+    )
+    g.add_argument(
+        "--validation_steps", type=int, default=None, help="Validate every N steps (default: checkpointing)."
+    )
+    g.add_argument(
+        "--export_last",
+        action="store_true",
+        help="With validation, export the last step's weights rather than the best step's.",
+    )
     g.add_argument("--max_length", type=int, default=160, help="LLM sequence length (oldest frames dropped).")
     g.add_argument("--label_scope", choices=("all", "target"), default="all", help="Captions with CE labels.")
 
@@ -221,6 +241,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--story_config_overrides is not valid JSON: {error}")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16.")
+    if args.validation_steps is None:
+        args.validation_steps = args.checkpointing_steps
+    if args.validation_steps < 1:
+        parser.error("--validation_steps must be >= 1.")
     return args
 
 
@@ -466,6 +490,69 @@ class DenoisingLoss:
         return F.mse_loss(pred.float(), target.float())
 
 
+# ---------------------------------------------------------------------------------------------- validation
+BEST_DIR = "best_alignment"
+
+
+class AlignmentValidator:
+    """Mean L_align over one fixed target frame per held-out story; keeps the best step's trained weights.
+
+    The target frames are drawn once (``seed``), so every validation scores the same frames. The best step
+    lives in ``<output_dir>/best_alignment/`` (weights + ``best.json``) and survives a resume: an entry from a
+    step later than the resumed one (the run was killed before that step's checkpoint) is discarded.
+    """
+
+    def __init__(
+        self, data: Any, collator: Any, output_dir: Path, batch_size: int, resumed_step: int
+    ) -> None:
+        self.batches = []
+        collator.reseed(0)
+        for start in range(0, len(data), batch_size):
+            rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            batch = collator(rows)
+            for key in ("batch_index", "target_frame", "pixel_values", "labels"):
+                batch.pop(key, None)
+            self.batches.append(batch)
+        self.folder = output_dir / BEST_DIR
+        self.best: dict[str, float] | None = None
+        record = self.folder / "best.json"
+        if record.exists():
+            best = json.loads(record.read_text())
+            if int(best["step"]) <= resumed_step:
+                self.best = best
+
+    @torch.no_grad()
+    def score(self, model: Any, device: torch.device) -> float:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for batch in self.batches:
+            out = model(**{k: v.to(device) for k, v in batch.items()}, compute_logits=False)
+            n = next(iter(batch.values())).shape[0]
+            total += float(out.align_loss) * n
+            count += n
+        model.train(was_training)
+        model.language_model.eval()
+        return total / max(count, 1)
+
+    def update(self, model: Any, step: int, value: float) -> bool:
+        """Record ``value`` at ``step``; save the weights if it is the best so far. Returns whether it is."""
+        from safetensors.torch import save_file
+
+        if self.best is not None and value >= self.best["align_loss"]:
+            return False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state_dict(model), str(self.folder / TRAINABLE_FILE))
+        self.best = {"step": step, "align_loss": value}
+        (self.folder / "best.json").write_text(json.dumps(self.best))
+        return True
+
+    def load_best(self, model: Any) -> None:
+        from safetensors.torch import load_file
+
+        load_trainable_state_dict(model, load_file(str(self.folder / TRAINABLE_FILE)))
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Path:
     """Train stage 2; returns the output folder."""
@@ -494,6 +581,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise tu.TrainingSetupError(
             f"--targets_dir {targets_dir!r} is not a precompute_targets.py output (no {precompute.CONFIG_FILE})."
         )
+
+    if args.validation_targets_dir is not None:
+        precompute.load_precomputed_targets(args.validation_targets_dir)  # a clear error if incomplete
 
     accelerator = tu.make_accelerator(args)
     if args.targets_dir is None:
@@ -576,6 +666,16 @@ def main(argv: list[str] | None = None) -> Path:
     loader = tu.make_train_dataloader(
         data, sampler, Stage2Collator(tokenizer, unwrapped.config, args, resolution), args
     )
+    validator = None
+    if args.validation_targets_dir is not None and accelerator.is_main_process:
+        val_data = precompute.load_precomputed_targets(args.validation_targets_dir)
+        if "images" in val_data.column_names:
+            val_data = val_data.remove_columns("images")
+        val_collator = Stage2Collator(tokenizer, unwrapped.config, args, None)
+        validator = AlignmentValidator(
+            val_data, val_collator, output_dir, args.train_batch_size, resumed_step=global_step
+        )
+        logger.info("Validation: %d held-out stories every %d steps", len(val_data), args.validation_steps)
     tu.init_trackers(accelerator, args, "storygptv-stage2")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -625,14 +725,29 @@ def main(argv: list[str] | None = None) -> Path:
         progress.set_postfix(loss=f"{last_logs['loss']:.4f}", align=f"{last_logs['align_loss']:.4f}")
         if global_step % args.logging_steps == 0:
             accelerator.log({**last_logs, "step_time_s": step_times[-1]}, step=global_step)
+        if args.validation_targets_dir is not None and (
+            global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+        ):
+            if validator is not None:  # main process only; the others wait
+                value = validator.score(unwrapped, accelerator.device)
+                if validator.update(unwrapped, global_step, value):
+                    logger.info("step %d: validation align_loss %.5f (best so far)", global_step, value)
+                accelerator.log({"val_align_loss": value}, step=global_step)
+            accelerator.wait_for_everyone()
         tu.end_of_step_checkpoint(accelerator, args, global_step, at_end=True, extra={"loss_weights": w})
     progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).eval()
+        exported_step = global_step
+        if validator is not None and validator.best is not None and not args.export_last:
+            validator.load_best(final)
+            exported_step = int(validator.best["step"])
         summary = {
             "global_step": global_step,
+            "exported_step": exported_step,
+            "best_validation": validator.best if validator is not None else None,
             "mean_step_time_s": float(np.mean(step_times)) if step_times else None,
             "final_logs": last_logs,
             "loss_weights": w,
@@ -682,6 +797,9 @@ def export(
     hyper.update({f"{k}_loss_weight": v for k, v in args.loss_weights.items()})
     hyper["target_type"] = target_info.get("target_type")
     metrics = {f"final {k}": v for k, v in summary["final_logs"].items() if k != "lr"}
+    if summary.get("best_validation"):
+        metrics["best validation align_loss"] = summary["best_validation"]["align_loss"]
+        metrics["exported step"] = summary["exported_step"]
     dataset = "custom stories" if target_info.get("train_dataset_path") else target_info.get("dataset")
     repo_id = args.hub_model_id or output_dir.name
     if args.save_story_model_only:
