@@ -16,7 +16,7 @@ VAE_STEPS=${VAE_STEPS:-3000}
 CHAR_LDM_STEPS=${CHAR_LDM_STEPS:-5500}
 LM_STEPS=${LM_STEPS:-1500}
 TARGET_STORIES=${TARGET_STORIES:-4000}
-STAGE2_STEPS=${STAGE2_STEPS:-2000}
+STAGE2_STEPS=${STAGE2_STEPS:-3000}
 EVAL_STORIES=${EVAL_STORIES:-50}
 CONFIGS=training_scripts/configs/synthsv_small
 mkdir -p "$OUT"
@@ -46,15 +46,18 @@ python training_scripts/train_text_lm.py --dataset synthsv --output_dir "$OUT/lm
     --learning_rate 1e-3 --lr_warmup_steps 100 --max_train_steps "$LM_STEPS" --checkpointing_steps 500 \
     --seed 0 --resume_from_checkpoint latest
 
-echo "== 5/6 stage-2 targets (${TARGET_STORIES} stories) and stage 2 (${STAGE2_STEPS} steps)"
+echo "== 5/6 stage-2 targets (${TARGET_STORIES} stories, 200 held out) and stage 2 (${STAGE2_STEPS} steps)"
 python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$OUT/char_ldm" \
     --dataset synthsv --num_stories "$TARGET_STORIES" --name_background --output_dir "$OUT/targets"
+python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$OUT/char_ldm" \
+    --dataset synthsv --split validation --num_stories 200 --name_background --no_store_images \
+    --output_dir "$OUT/targets_val"
 python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT/char_ldm" \
     --language_model_name_or_path "$OUT/lm" --targets_dir "$OUT/targets" --output_dir "$OUT/storygptv" \
     --mapper_hidden_size 128 --mapper_num_heads 4 --mapper_num_layers 2 --mapper_ffn_dim 512 \
     --lora_rank 16 --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 100 \
     --max_train_steps "$STAGE2_STEPS" --checkpointing_steps 250 --checkpoints_total_limit 3 --seed 0 \
-    --resume_from_checkpoint latest
+    --resume_from_checkpoint latest --validation_targets_dir "$OUT/targets_val"
 cp -r "$OUT/char_ldm_init/characters" "$OUT/storygptv/" 2>/dev/null || true
 
 echo "== 6/6 quality on SynthSV test stories"
