@@ -1,5 +1,6 @@
 """The embedded default model: complete, small, loads offline, and the README's main command draws the story."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,6 @@ DEFAULT = Path(storygptv.DEFAULT_MODEL)
 
 
 def test_default_model_folder_is_complete_and_small():
-    import json
-
     index = json.loads((DEFAULT / "model_index.json").read_text())
     assert index["_class_name"] == "StoryGPTVPipeline"
     components = [k for k, v in index.items() if isinstance(v, list) and v[0] is not None]

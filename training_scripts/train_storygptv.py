@@ -497,7 +497,7 @@ BEST_DIR = "best_alignment"
 class AlignmentValidator:
     """Mean L_align over one fixed target frame per held-out story; keeps the best step's trained weights.
 
-    The target frames are drawn once (``seed``), so every validation scores the same frames. The best step
+    The target frames are drawn once, with a fixed seed, so every validation scores the same frames. The best step
     lives in ``<output_dir>/best_alignment/`` (weights + ``best.json``) and survives a resume: an entry from a
     step later than the resumed one (the run was killed before that step's checkpoint) is discarded.
     """
@@ -582,8 +582,11 @@ def main(argv: list[str] | None = None) -> Path:
             f"--targets_dir {targets_dir!r} is not a precompute_targets.py output (no {precompute.CONFIG_FILE})."
         )
 
-    if args.validation_targets_dir is not None:
-        precompute.load_precomputed_targets(args.validation_targets_dir)  # a clear error if incomplete
+    val_data = None
+    if args.validation_targets_dir is not None:  # loaded now: a clear error before training if incomplete
+        val_data = precompute.load_precomputed_targets(args.validation_targets_dir)
+        if "images" in val_data.column_names:
+            val_data = val_data.remove_columns("images")  # validation scores L_align only
 
     accelerator = tu.make_accelerator(args)
     if args.targets_dir is None:
@@ -667,10 +670,7 @@ def main(argv: list[str] | None = None) -> Path:
         data, sampler, Stage2Collator(tokenizer, unwrapped.config, args, resolution), args
     )
     validator = None
-    if args.validation_targets_dir is not None and accelerator.is_main_process:
-        val_data = precompute.load_precomputed_targets(args.validation_targets_dir)
-        if "images" in val_data.column_names:
-            val_data = val_data.remove_columns("images")
+    if val_data is not None and accelerator.is_main_process:
         val_collator = Stage2Collator(tokenizer, unwrapped.config, args, None)
         validator = AlignmentValidator(
             val_data, val_collator, output_dir, args.train_batch_size, resumed_step=global_step
