@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from storygptv.grounding import with_setting
 from storygptv.training_utils import TrainingSetupError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
@@ -176,11 +177,9 @@ def test_name_background_restores_the_setting_of_the_target_caption(precompute, 
     from storygptv.data import load_story_dataset
     from storygptv.data.synthsv import reference_images
 
-    assert (
-        precompute.with_background("Bo and Ava are waving.", "lake") == "Bo and Ava are waving in the lake."
-    )
-    assert precompute.with_background("Bo sits in the Lake.", "lake") == "Bo sits in the Lake."
-    assert precompute.with_background("Bo sits", "cave") == "Bo sits in the cave."
+    assert with_setting("Bo and Ava are waving.", "lake") == "Bo and Ava are waving in the lake."
+    assert with_setting("Bo sits in the Lake.", "lake") == "Bo sits in the Lake."
+    assert with_setting("Bo sits", "cave") == "Bo sits in the cave."
     with pytest.raises(TrainingSetupError, match="background"):
         precompute.target_captions({"story_id": "x"}, ["Bo sits."], name_background=True)
 
@@ -198,7 +197,7 @@ def test_name_background_restores_the_setting_of_the_target_caption(precompute, 
     implicit = 0
     for row, story in zip(data, stories):
         assert row["captions"] == story["captions"]  # the stored captions stay the originals
-        named = [precompute.with_background(c, b) for c, b in zip(story["captions"], story["background"])]
+        named = [with_setting(c, b) for c, b in zip(story["captions"], story["background"])]
         implicit += sum(a != b for a, b in zip(named, story["captions"]))
         cast = {n: refs[n] for frame in story["characters"] for n in frame}
         expected = pipe.encode_fused(named, cast, warn=False).prompt_embeds

@@ -11,7 +11,14 @@ For every frame of every story this computes, with the frozen Char-LDM of ``--pr
   model learns to carry the setting over from earlier frames as it carries the names (used for SynthSV);
 - ``image_embeds``: the CLIP embedding of the ground-truth frame that the story LLM reads, computed with
   :func:`storygptv.pipelines.pipeline_storygptv.encode_story_images` (the very function the pipeline uses at
-  inference).
+  inference);
+- ``caption_conditioning``: the Char-LDM conditioning of the frame's **referential** caption as written (names
+  fused where it states them): the anchor of a caption-anchored mapper (``mapper_queries="caption"``);
+- ``target_token_roles``: per conditioning row of the target, 1 at a fused character token, 2 at the setting
+  word's last token, 0 elsewhere (for the identity-weighted L_align);
+- ``background``: the frame's setting label (empty when the dataset has none), and ``characters``: its cast,
+  the labels of the grounding head. ``precompute_config.json`` lists every character and setting met
+  (``character_names``, ``setting_names``), the label sets a grounding head is built with.
 
 The output folder holds ``shards/shard-XXXXX`` (``datasets.Dataset.save_to_disk``, one per
 ``--shard_size`` stories) and ``precompute_config.json``. Rows keep ``story_id``, ``captions``,
@@ -37,7 +44,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -49,10 +55,12 @@ import PIL.Image
 import torch
 
 from storygptv import training_utils as tu
+from storygptv.characters import locate_character_tokens
+from storygptv.grounding import with_setting
 
 logger = logging.getLogger("precompute_targets")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "precompute_config.json"
 SHARDS_DIR = "shards"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -186,8 +194,11 @@ def _features(vision_dim: int, seq_len: int, hidden: int, dtype: str, store_imag
         "captions": datasets.List(datasets.Value("string")),
         "referential_captions": datasets.List(datasets.Value("string")),
         "characters": datasets.List(datasets.List(datasets.Value("string"))),
+        "background": datasets.List(datasets.Value("string")),
         "image_embeds": datasets.Array2D(shape=(None, vision_dim), dtype=dtype),
         "target_conditioning": datasets.Array3D(shape=(None, seq_len, hidden), dtype=dtype),
+        "caption_conditioning": datasets.Array3D(shape=(None, seq_len, hidden), dtype=dtype),
+        "target_token_roles": datasets.Array2D(shape=(None, seq_len), dtype="int8"),
     }
     if store_images:
         features["images"] = datasets.List(datasets.Image())
@@ -225,7 +236,12 @@ def load_precomputed_targets(path: str | os.PathLike, require_complete: bool = T
     if not parts:
         raise tu.TrainingSetupError(f"{str(root)!r} holds no finished shard.")
     data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    data.set_format("torch", columns=["image_embeds", "target_conditioning"], output_all_columns=True)
+    tensors = [
+        c
+        for c in ("image_embeds", "target_conditioning", "caption_conditioning", "target_token_roles")
+        if c in data.column_names
+    ]
+    data.set_format("torch", columns=tensors, output_all_columns=True)
     data.info.description = json.dumps(config)
     return data
 
@@ -242,7 +258,14 @@ class TargetEncoder:
 
     @torch.no_grad()
     def targets(self, captions: Sequence[str], casts: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        out = []
+        return self.encode(captions, casts)[0]
+
+    @torch.no_grad()
+    def encode(
+        self, captions: Sequence[str], casts: Sequence[Mapping[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(conditioning (N, L, d), character_token_indices (N, max_characters))`` of ``captions``."""
+        out, indices = [], []
         for start in range(0, len(captions), self.batch_size):
             chunk = list(captions[start : start + self.batch_size])
             chunk_casts = list(casts[start : start + self.batch_size])
@@ -255,7 +278,23 @@ class TargetEncoder:
             )
             embeds = encoded.prompt_embeds if self.target_type == "fused" else encoded.text_embeds
             out.append(embeds.float().cpu())
-        return torch.cat(out)
+            indices.append(encoded.character_token_indices.cpu())
+        return torch.cat(out), torch.cat(indices)
+
+    def token_roles(
+        self, captions: Sequence[str], character_token_indices: torch.Tensor, settings: Sequence[str]
+    ) -> torch.Tensor:
+        """(N, L) int8: 1 at each fused character token, 2 at the last token of the named setting, else 0."""
+        tokenizer = self.pipe.tokenizer
+        roles = torch.zeros(len(captions), int(tokenizer.model_max_length), dtype=torch.int8)
+        for row, (caption, setting) in enumerate(zip(captions, settings)):
+            if setting:
+                for mention in locate_character_tokens(caption, [setting], tokenizer):
+                    roles[row, mention.token_index] = 2
+            for index in character_token_indices[row].tolist():
+                if index >= 0:
+                    roles[row, index] = 1
+        return roles
 
     @torch.no_grad()
     def image_embeds(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
@@ -287,22 +326,6 @@ def _row_frames(row: Mapping[str, Any], index: int) -> tuple[list[str], list[str
     return captions, referential, images
 
 
-def with_background(caption: str, background: str) -> str:
-    """``caption`` with ``" in the <background>"`` before its final period, unless it already names it.
-
-    >>> with_background("Bo and Ava are waving.", "lake")
-    'Bo and Ava are waving in the lake.'
-    >>> with_background("Bo is talking in the lake.", "lake")
-    'Bo is talking in the lake.'
-    """
-    background = background.strip().lower()
-    if not background or re.search(rf"\b{re.escape(background)}\b", caption, flags=re.IGNORECASE):
-        return caption
-    body = caption.rstrip()
-    end = body[-1] if body and body[-1] in ".!?" else ""
-    return f"{body[: len(body) - len(end)]} in the {background}{end or '.'}"
-
-
 def target_captions(row: Mapping[str, Any], captions: list[str], name_background: bool) -> list[str]:
     """The captions whose conditioning is the target: the originals, with the setting restored if asked."""
     if not name_background:
@@ -313,7 +336,30 @@ def target_captions(row: Mapping[str, Any], captions: list[str], name_background
             f"--name_background needs a `background` label for every frame; story "
             f"{row.get('story_id')!r} has {backgrounds!r}. Drop the flag for datasets without one."
         )
-    return [with_background(c, str(b)) for c, b in zip(captions, backgrounds)]
+    return [with_setting(c, str(b)) for c, b in zip(captions, backgrounds)]
+
+
+def frame_settings(row: Mapping[str, Any], num_frames: int) -> list[str]:
+    """The setting label of each frame (``""`` where the dataset gives none)."""
+    backgrounds = list(row.get("background") or [])
+    if len(backgrounds) != num_frames:
+        return [""] * num_frames
+    return [str(b or "") for b in backgrounds]
+
+
+def label_names(output_dir: Path, num_shards: int) -> tuple[list[str], list[str]]:
+    """Every character and every setting of the finished shards, sorted: the grounding label sets."""
+    import datasets
+
+    characters: set[str] = set()
+    settings: set[str] = set()
+    for index in range(num_shards):
+        shard = datasets.load_from_disk(str(shard_path(output_dir, index)))
+        for frames in shard["characters"]:
+            characters.update(name for frame in frames for name in frame)
+        for frames in shard["background"]:
+            settings.update(s for s in frames if s)
+    return sorted(characters), sorted(settings)
 
 
 def compute_shard(
@@ -329,16 +375,21 @@ def compute_shard(
     import datasets
 
     rows = [stories[i] for i in indices]
-    all_captions, all_casts, all_images, sizes, parsed = [], [], [], [], []
+    all_captions, all_referential, all_casts, all_images, all_settings = [], [], [], [], []
+    sizes, parsed = [], []
     for i, row in zip(indices, rows):
         captions, referential, images = _row_frames(row, i)
         cast = story_cast(row, refs)
         all_captions += target_captions(row, captions, name_background)
+        all_referential += referential
         all_casts += [cast] * len(captions)
         all_images += images
+        all_settings += frame_settings(row, len(captions))
         sizes.append(len(captions))
         parsed.append((captions, referential, images))
-    targets = encoder.targets(all_captions, all_casts)
+    targets, character_tokens = encoder.encode(all_captions, all_casts)
+    roles = encoder.token_roles(all_captions, character_tokens, all_settings)
+    anchors = encoder.targets(all_referential, all_casts)
     image_embeds = encoder.image_embeds(all_images)
     dtype = np.float16 if features["image_embeds"].dtype == "float16" else np.float32
     columns: dict[str, list[Any]] = {name: [] for name in features}
@@ -350,8 +401,11 @@ def compute_shard(
         columns["characters"].append(
             [list(c or []) for c in (row.get("characters") or [[] for _ in captions])]
         )
+        columns["background"].append(all_settings[offset : offset + n])
         columns["image_embeds"].append(image_embeds[offset : offset + n].numpy().astype(dtype))
         columns["target_conditioning"].append(targets[offset : offset + n].numpy().astype(dtype))
+        columns["caption_conditioning"].append(anchors[offset : offset + n].numpy().astype(dtype))
+        columns["target_token_roles"].append(roles[offset : offset + n].numpy())
         if store_images:
             columns["images"].append(images)
         offset += n
@@ -455,6 +509,7 @@ def main(argv: list[str] | None = None) -> Path:
         os.replace(tmp, final)
         timings.append((time.perf_counter() - started) / max(1, sum(1 for _ in indices)))
     config["complete"] = True
+    config["character_names"], config["setting_names"] = label_names(output_dir, num_shards)
     if timings:
         config["seconds_per_story"] = float(np.mean(timings))
     config_file.write_text(json.dumps(config, indent=2))

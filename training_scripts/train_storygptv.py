@@ -14,7 +14,16 @@ frozen; ``--lora_rank`` adds LoRA adapters). The loss is
   precomputed stage-1 conditioning of the frame's non-referential caption (``precompute_targets.py``);
 - L_img: denoising loss of the ground-truth target frame through the **frozen** Char-LDM UNet conditioned on the
   mapped conditioning (gradients reach the mapper through the UNet). The frame enters the VAE scaled to
-  [-1, 1]; ``--vae_input_compat`` reproduces the public code, which feeds raw 0-255 values.
+  [-1, 1]; ``--vae_input_compat`` reproduces the public code, which feeds raw 0-255 values;
+- with ``--grounding``, plus ``grounding_loss_weight * L_ground``: the grounding head's BCE over the target
+  frame's cast (and CE over its setting) from the ``[IMG]`` states.
+
+Stage-2 design options (each a ``StoryGPTVConfig`` field, so they can be measured alone):
+``--mapper_queries caption`` anchors the mapper on the frame's own caption encoding (``--restored_anchor_prob``
+sometimes anchors it on the target instead, as the pipeline's ``grounding="fuse"`` does at inference);
+``--align_character_weight`` / ``--align_setting_weight`` weigh the target rows of the fused character tokens
+and of the setting word in L_align; ``--grounding`` adds the grounding head, whose label sets are the
+characters and settings that ``precompute_targets.py`` recorded.
 
 Presets (``--loss_preset``; explicit ``--*_loss_weight`` options override them): ``paper`` (1, 1, 1),
 ``reference_v1`` (0.5, 1, 0: public code, v1 script), ``reference_v2`` (0.5, 0, 1: public code, v2 script;
@@ -197,6 +206,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--story_config_overrides", default=None, help="JSON object of further StoryGPTVConfig fields."
     )
+    g.add_argument(
+        "--mapper_queries",
+        choices=("learned", "caption"),
+        default="learned",
+        help="learned: the paper's learned queries; caption: the mapper starts from the frame's caption encoding "
+        "and adds a residual.",
+    )
+    g.add_argument(
+        "--restored_anchor_prob",
+        type=float,
+        default=0.0,
+        help="(caption mapper) probability per example of anchoring on the target (caption with names and "
+        "setting restored) instead of the caption as written.",
+    )
+    g.add_argument(
+        "--grounding",
+        action="store_true",
+        help="Add the grounding head (cast and setting of the frame from the [IMG] states), trained on the "
+        "targets' character / setting labels.",
+    )
     g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM fully frozen).")
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument(
@@ -209,6 +238,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--align_loss_weight", type=float, default=None, help="Weight of L_align (default 1.0).")
     g.add_argument("--img_loss_weight", type=float, default=None, help="Weight of L_img (default 1.0).")
     g.add_argument("--align_loss", choices=("mse", "l2"), default="mse", help="mse (paper) or l2 (GILL).")
+    g.add_argument(
+        "--align_character_weight",
+        type=float,
+        default=1.0,
+        help="L_align weight of the target rows at fused character tokens (1: the paper's plain mean).",
+    )
+    g.add_argument(
+        "--align_setting_weight",
+        type=float,
+        default=1.0,
+        help="L_align weight of the target row at the setting word (1: the paper's plain mean).",
+    )
+    g.add_argument(
+        "--grounding_loss_weight", type=float, default=1.0, help="Weight of the grounding loss (--grounding)."
+    )
     g.add_argument(
         "--vae_input_compat",
         action="store_true",
@@ -232,7 +276,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             weights[key] = float(value)
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         parser.error(f"Loss weights must be >= 0 with at least one > 0, got {weights}.")
+    if args.grounding:
+        if args.grounding_loss_weight < 0:
+            parser.error("--grounding_loss_weight must be >= 0.")
+        weights["grounding"] = float(args.grounding_loss_weight)
     args.loss_weights = weights
+    if not 0.0 <= args.restored_anchor_prob <= 1.0:
+        parser.error("--restored_anchor_prob must be in [0, 1].")
+    if args.restored_anchor_prob > 0 and args.mapper_queries != "caption":
+        parser.error("--restored_anchor_prob only applies to --mapper_queries caption.")
+    if args.align_character_weight < 0 or args.align_setting_weight < 0:
+        parser.error("--align_character_weight and --align_setting_weight must be >= 0.")
     try:
         args.story_config_overrides = (
             json.loads(args.story_config_overrides) if args.story_config_overrides else {}
@@ -284,10 +338,22 @@ def check_language_model(path: str) -> None:
         raise tu.TrainingSetupError(f"--language_model_name_or_path {path!r} does not exist.")
 
 
+def model_loss_weights(args: argparse.Namespace) -> dict[str, float]:
+    """The loss weights the story model's config holds (L_img is the trainer's)."""
+    return {k: v for k, v in args.loss_weights.items() if k != "img"}
+
+
 def build_story_model(
-    args: argparse.Namespace, vision_dim: int, ldm_seq_len: int, ldm_hidden: int
+    args: argparse.Namespace,
+    vision_dim: int,
+    ldm_seq_len: int,
+    ldm_hidden: int,
+    grounding_labels: tuple[list[str], list[str]] | None = None,
 ) -> tuple[Any, Any]:
-    """The story model and its tokenizer (new around an LLM, or loaded from ``--story_model_name_or_path``)."""
+    """The story model and its tokenizer (new around an LLM, or loaded from ``--story_model_name_or_path``).
+
+    ``grounding_labels`` = ``(characters, settings)`` adds a grounding head with these label sets.
+    """
     from transformers import AutoTokenizer
 
     from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration
@@ -308,8 +374,20 @@ def build_story_model(
                 f"The story model expects vision {cfg.vision_embed_dim} / conditioning {cfg.ldm_seq_len}x"
                 f"{cfg.ldm_hidden_size}, but the Char-LDM gives {vision_dim} / {ldm_seq_len}x{ldm_hidden}."
             )
-        cfg.loss_weights = {"gen": args.loss_weights["gen"], "align": args.loss_weights["align"]}
+        if grounding_labels is not None and not cfg.has_grounding_head:
+            raise tu.TrainingSetupError(
+                f"--grounding was given, but the story model of {args.story_model_name_or_path!r} has no grounding "
+                "head; start from --language_model_name_or_path to add one."
+            )
+        if cfg.mapper_queries != args.mapper_queries:
+            raise tu.TrainingSetupError(
+                f"The story model uses mapper_queries={cfg.mapper_queries!r} but --mapper_queries is "
+                f"{args.mapper_queries!r}; they must match when continuing a model."
+            )
+        cfg.loss_weights = model_loss_weights(args)
         cfg.align_loss = args.align_loss
+        cfg.align_character_weight = args.align_character_weight
+        cfg.align_setting_weight = args.align_setting_weight
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             args.tokenizer_name_or_path or args.language_model_name_or_path
@@ -326,12 +404,18 @@ def build_story_model(
             "mapper_num_decoder_layers": args.mapper_num_layers,
             "mapper_ffn_dim": args.mapper_ffn_dim,
             "align_loss": args.align_loss,
-            "loss_weights": {"gen": args.loss_weights["gen"], "align": args.loss_weights["align"]},
+            "align_character_weight": args.align_character_weight,
+            "align_setting_weight": args.align_setting_weight,
+            "mapper_queries": args.mapper_queries,
+            "loss_weights": model_loss_weights(args),
             "label_scope": args.label_scope,
             "lora_rank": args.lora_rank,
             "lora_alpha": args.lora_alpha,
             **args.story_config_overrides,
         }
+        if grounding_labels is not None:
+            overrides["grounding_characters"] = grounding_labels[0] or None
+            overrides["grounding_settings"] = grounding_labels[1] or None
         torch.manual_seed(tu.derive_seed(args.seed, "init"))
         model, tokenizer = StoryGPTVForConditionalGeneration.from_language_model(
             args.language_model_name_or_path, tokenizer, config_overrides=overrides, dtype=dtype
@@ -356,11 +440,23 @@ def frame_pixels(image: Any, resolution: int, compat: bool) -> torch.Tensor:
 class Stage2Collator:
     """:class:`StoryGPTVCollator` + the target frame's pixels (for L_img), reseedable per batch."""
 
-    def __init__(self, tokenizer: Any, config: Any, args: argparse.Namespace, resolution: int | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: Any,
+        args: argparse.Namespace,
+        resolution: int | None,
+        restored_anchor_prob: float = 0.0,
+    ) -> None:
         from storygptv.data.collators_story import StoryGPTVCollator
 
         self.inner = StoryGPTVCollator(
-            tokenizer, config, max_length=args.max_length, label_scope=args.label_scope, seed=args.seed
+            tokenizer,
+            config,
+            max_length=args.max_length,
+            label_scope=args.label_scope,
+            seed=args.seed,
+            restored_anchor_prob=restored_anchor_prob,
         )
         self.resolution = resolution
         self.compat = args.vae_input_compat
@@ -497,14 +593,25 @@ BEST_DIR = "best_alignment"
 class AlignmentValidator:
     """Mean L_align over one fixed target frame per held-out story; keeps the best step's trained weights.
 
+    With a grounding head the selection score is ``L_align + grounding_weight * L_ground`` (both means over the
+    frames), and the exact-match rate of the predicted cast is logged beside it.
+
     The target frames are drawn once, with a fixed seed, so every validation scores the same frames. The best step
     lives in ``<output_dir>/best_alignment/`` (weights + ``best.json``) and survives a resume: an entry from a
     step later than the resumed one (the run was killed before that step's checkpoint) is discarded.
     """
 
     def __init__(
-        self, data: Any, collator: Any, output_dir: Path, batch_size: int, resumed_step: int
+        self,
+        data: Any,
+        collator: Any,
+        output_dir: Path,
+        batch_size: int,
+        resumed_step: int,
+        grounding_weight: float = 0.0,
     ) -> None:
+        self.grounding_weight = grounding_weight
+        self.last: dict[str, float] = {}
         self.batches = []
         collator.reseed(0)
         for start in range(0, len(data), batch_size):
@@ -523,27 +630,38 @@ class AlignmentValidator:
 
     @torch.no_grad()
     def score(self, model: Any, device: torch.device) -> float:
+        """The selection score (lower is better); its parts are left in ``self.last``."""
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
+        align = grounding = exact = 0.0
+        count = 0
         for batch in self.batches:
             out = model(**{k: v.to(device) for k, v in batch.items()}, compute_logits=False)
             n = next(iter(batch.values())).shape[0]
-            total += float(out.align_loss) * n
+            align += float(out.align_loss) * n
+            if out.grounding_loss is not None:
+                grounding += float(out.grounding_loss) * n
+            if out.character_logits is not None and "character_labels" in batch:
+                predicted = out.character_logits.sigmoid().cpu() >= 0.5
+                exact += float((predicted == batch["character_labels"].bool()).all(-1).sum())
             count += n
         model.train(was_training)
         model.language_model.eval()
-        return total / max(count, 1)
+        count = max(count, 1)
+        self.last = {"align_loss": align / count}
+        if model.grounding_head is not None:
+            self.last.update(grounding_loss=grounding / count, grounding_exact=100.0 * exact / count)
+        return self.last["align_loss"] + self.grounding_weight * self.last.get("grounding_loss", 0.0)
 
     def update(self, model: Any, step: int, value: float) -> bool:
         """Record ``value`` at ``step``; save the weights if it is the best so far. Returns whether it is."""
         from safetensors.torch import save_file
 
-        if self.best is not None and value >= self.best["align_loss"]:
+        if self.best is not None and value >= self.best.get("score", self.best["align_loss"]):
             return False
         self.folder.mkdir(parents=True, exist_ok=True)
         save_file(trainable_state_dict(model), str(self.folder / TRAINABLE_FILE))
-        self.best = {"step": step, "align_loss": value}
+        self.best = {"step": step, "score": value, **(self.last or {"align_loss": value})}
         (self.folder / "best.json").write_text(json.dumps(self.best))
         return True
 
@@ -625,7 +743,24 @@ def main(argv: list[str] | None = None) -> Path:
             f"gives {vision_dim} / {ldm_seq_len}x{ldm_hidden}: recompute the targets with this Char-LDM."
         )
 
-    model, tokenizer = build_story_model(args, vision_dim, ldm_seq_len, ldm_hidden)
+    grounding_labels = None
+    if args.grounding:
+        if "character_names" not in target_info:
+            raise tu.TrainingSetupError(
+                f"--grounding needs the character / setting label sets that precompute_targets.py (format 2) "
+                f"records; {targets_dir!r} has none: recompute it."
+            )
+        grounding_labels = (list(target_info["character_names"]), list(target_info["setting_names"]))
+        if not grounding_labels[0] and not grounding_labels[1]:
+            raise tu.TrainingSetupError(
+                f"--grounding: the stories of {targets_dir!r} label no character and no setting."
+            )
+    if args.mapper_queries == "caption" and "caption_conditioning" not in data.column_names:
+        raise tu.TrainingSetupError(
+            f"--mapper_queries caption needs each frame's caption encoding, which {targets_dir!r} lacks: "
+            "recompute it with this version of precompute_targets.py."
+        )
+    model, tokenizer = build_story_model(args, vision_dim, ldm_seq_len, ldm_hidden, grounding_labels)
     if args.gradient_checkpointing:
         lm = model.language_model
         enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
@@ -666,14 +801,20 @@ def main(argv: list[str] | None = None) -> Path:
 
     sampler = tu.make_batch_sampler(len(data), args, accelerator)
     global_step = tu.resume_training(accelerator, args, resume, sampler, log=logger.info)
-    loader = tu.make_train_dataloader(
-        data, sampler, Stage2Collator(tokenizer, unwrapped.config, args, resolution), args
+    collator = Stage2Collator(
+        tokenizer, unwrapped.config, args, resolution, restored_anchor_prob=args.restored_anchor_prob
     )
+    loader = tu.make_train_dataloader(data, sampler, collator, args)
     validator = None
     if val_data is not None and accelerator.is_main_process:
         val_collator = Stage2Collator(tokenizer, unwrapped.config, args, None)
         validator = AlignmentValidator(
-            val_data, val_collator, output_dir, args.train_batch_size, resumed_step=global_step
+            val_data,
+            val_collator,
+            output_dir,
+            args.train_batch_size,
+            resumed_step=global_step,
+            grounding_weight=args.loss_weights.get("grounding", 0.0),
         )
         logger.info("Validation: %d held-out stories every %d steps", len(val_data), args.validation_steps)
     tu.init_trackers(accelerator, args, "storygptv-stage2")
@@ -701,11 +842,13 @@ def main(argv: list[str] | None = None) -> Path:
             with accelerator.accumulate(model):
                 out = model(**batch, compute_logits=w["gen"] > 0)
                 terms = {"align_loss": out.align_loss}
-                if out.gen_loss is not None:
-                    terms["gen_loss"] = out.gen_loss
                 loss = w["align"] * out.align_loss
                 if out.gen_loss is not None:
+                    terms["gen_loss"] = out.gen_loss
                     loss = loss + w["gen"] * out.gen_loss
+                if out.grounding_loss is not None:
+                    terms["grounding_loss"] = out.grounding_loss
+                    loss = loss + w.get("grounding", 0.0) * out.grounding_loss
                 if img_loss is not None:
                     generator = tu.step_generator(args.seed, "noise", batch_index, accelerator.process_index)
                     with accelerator.autocast():
@@ -730,9 +873,10 @@ def main(argv: list[str] | None = None) -> Path:
         ):
             if validator is not None:  # main process only; the others wait
                 value = validator.score(unwrapped, accelerator.device)
-                if validator.update(unwrapped, global_step, value):
-                    logger.info("step %d: validation align_loss %.5f (best so far)", global_step, value)
-                accelerator.log({"val_align_loss": value}, step=global_step)
+                parts = ", ".join(f"{k} {v:.4f}" for k, v in validator.last.items())
+                best = validator.update(unwrapped, global_step, value)
+                logger.info("step %d: validation %s%s", global_step, parts, " (best so far)" if best else "")
+                accelerator.log({f"val_{k}": v for k, v in validator.last.items()}, step=global_step)
             accelerator.wait_for_everyone()
         tu.end_of_step_checkpoint(accelerator, args, global_step, at_end=True, extra={"loss_weights": w})
     progress.close()

@@ -19,6 +19,7 @@ from .attention import (  # noqa: E402
 )
 from .characters import CharacterMention, find_character_mentions, find_character_tokens  # noqa: E402
 from .data import load_story_dataset  # noqa: E402
+from .grounding import ground_caption  # noqa: E402
 from .models import (  # noqa: E402
     CharacterFuser,
     FusedPromptOutput,
@@ -57,6 +58,7 @@ __all__ = [
     "encode_story_images",
     "find_character_mentions",
     "find_character_tokens",
+    "ground_caption",
     "install_character_attention_processors",
     "load_story_dataset",
     "make_storyboard",

@@ -11,6 +11,12 @@ key                        content
                            tensor; or one (n, vision_embed_dim) array / tensor)
 ``target_conditioning``    n conditioning targets (each ``ldm_seq_len x ldm_hidden_size``): the stage-1
                            (Char-LDM) embedding of the frame's **original, non-referential** caption
+``caption_conditioning``   (caption-anchored mapper only) n anchors: the Char-LDM embedding of each
+                           frame's referential caption as written
+``target_token_roles``     optional: n role vectors (``ldm_seq_len``; 0 other, 1 character, 2 setting)
+                           for the identity-weighted L_align
+``characters``             (grounding head only) per frame, the names of its characters
+``background``             (grounding head with settings) per frame, its setting ("" when unknown)
 =========================  ==========================================================================
 
 For each row a target frame t is chosen (``target_frame="random"``: uniform over 1..n-1, frame 0 is never a
@@ -18,6 +24,11 @@ target unless the story has one frame; an int: that frame, negative ints count f
 is built by :func:`storygptv.models.story_inputs.build_story_sequence` from the referential captions of frames
 0..t-1 (with their image embeddings) and the referential caption of frame t; ``target_conditioning`` is the
 row's entry for frame t. Old frames that do not fit ``max_length`` are dropped (their embeddings too).
+
+With ``restored_anchor_prob`` p > 0, a caption-anchored mapper is given, with probability p per row, the
+target itself as its anchor (the caption with the names and setting restored) instead of the caption as
+written: at inference the pipeline may hand it the grounded caption (``grounding="fuse"``), and the mapper
+then learns to leave an anchor that already states everything as it is.
 
 Example:
     >>> from storygptv.testing.story_model import tiny_story_model
@@ -39,6 +50,9 @@ import numpy as np
 import torch
 
 from ..models.story_inputs import IGNORE_INDEX, StoryTokens, build_story_sequence, encode_caption
+
+#: The label of a setting the grounding head does not know (ignored by its cross-entropy).
+UNKNOWN_SETTING = -100
 
 __all__ = ["StoryGPTVCollator"]
 
@@ -62,10 +76,14 @@ class StoryGPTVCollator:
         seed: seed of the collator's own random generator (``"random"`` targets); None: nondeterministic.
         label_scope: overrides ``config.label_scope`` (``"all"`` captions or only the ``"target"`` caption).
         pad_to_multiple_of: pad the sequence length up to a multiple of this.
+        restored_anchor_prob: probability of anchoring a caption-anchored mapper on the target instead of the
+            caption as written (see the module docstring).
 
     Returns (``__call__``) a dict with ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, L),
     ``image_embeds`` (num_images, vision_embed_dim) in placeholder order, ``target_conditioning``
-    (B, ldm_seq_len, ldm_hidden_size) and ``target_frame`` (B,).
+    (B, ldm_seq_len, ldm_hidden_size) and ``target_frame`` (B,); plus ``caption_conditioning`` (B, L', d) for a
+    caption-anchored mapper, ``target_token_roles`` (B, L') when the rows carry them, and ``character_labels``
+    (B, C) / ``setting_labels`` (B,) for a model with a grounding head.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class StoryGPTVCollator:
         seed: int | None = None,
         label_scope: Literal["all", "target"] | None = None,
         pad_to_multiple_of: int | None = None,
+        restored_anchor_prob: float = 0.0,
     ) -> None:
         if not (target_frame == "random" or isinstance(target_frame, int)):
             raise ValueError(f"`target_frame` must be 'random' or an int, got {target_frame!r}.")
@@ -87,6 +106,12 @@ class StoryGPTVCollator:
         self.rng = np.random.default_rng(seed)
         self.label_scope = label_scope or getattr(config, "label_scope", "all")
         self.pad_to_multiple_of = pad_to_multiple_of
+        if not 0.0 <= restored_anchor_prob <= 1.0:
+            raise ValueError(f"`restored_anchor_prob` must be in [0, 1], got {restored_anchor_prob}.")
+        self.restored_anchor_prob = restored_anchor_prob
+        self.anchored = getattr(config, "mapper_queries", "learned") == "caption"
+        self.character_index = {n.lower(): i for i, n in enumerate(config.grounding_characters or [])}
+        self.setting_index = {n.lower(): i for i, n in enumerate(config.grounding_settings or [])}
         try:
             self.tokens = StoryTokens.from_config(config)
         except ValueError:
@@ -111,12 +136,43 @@ class StoryGPTVCollator:
             )
         return t
 
+    def grounding_labels(self, row: Mapping[str, Any], t: int, i: int) -> tuple[list[int], int]:
+        """The multi-hot cast and the setting index of frame ``t`` of ``row`` in the config's label sets."""
+        characters = [-1] * len(self.character_index)
+        if self.character_index:
+            frames = row.get("characters")
+            if frames is None or len(frames) <= t:
+                raise KeyError(
+                    f"Story row {i} has no `characters` for frame {t}: the grounding head trains on each frame's "
+                    "cast (precompute the targets with a dataset that labels characters)."
+                )
+            characters = [0] * len(self.character_index)
+            for name in frames[t] or []:
+                index = self.character_index.get(str(name).lower())
+                if index is not None:
+                    characters[index] = 1
+        setting = UNKNOWN_SETTING
+        settings = row.get("background")
+        if self.setting_index and settings is not None and len(settings) > t:
+            setting = self.setting_index.get(str(settings[t] or "").lower(), UNKNOWN_SETTING)
+        return characters, setting
+
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         input_ids, labels, images, targets, chosen = [], [], [], [], []
+        anchors, roles, character_labels, setting_labels = [], [], [], []
         for i, row in enumerate(rows):
-            for key in ("captions", "image_embeds", "target_conditioning"):
+            required = ["captions", "image_embeds", "target_conditioning"]
+            if self.anchored:
+                required.append("caption_conditioning")
+            for key in required:
                 if key not in row:
-                    raise KeyError(f"Story row {i} lacks the key {key!r} (has {sorted(row)}).")
+                    hint = (
+                        " A caption-anchored mapper needs each frame's caption encoding: recompute the targets "
+                        "with precompute_targets.py (format 2)."
+                        if key == "caption_conditioning"
+                        else ""
+                    )
+                    raise KeyError(f"Story row {i} lacks the key {key!r} (has {sorted(row)}).{hint}")
             captions = list(row["captions"])
             ref = list(row.get("referential_captions") or captions)
             n = len(captions)
@@ -142,6 +198,15 @@ class StoryGPTVCollator:
             images.extend(embeds[j] for j in seq.context_frames)
             targets.append(_as_tensor(conds[t]))
             chosen.append(t)
+            if self.anchored:
+                restored = self.restored_anchor_prob > 0 and self.rng.random() < self.restored_anchor_prob
+                anchors.append(targets[-1] if restored else _as_tensor(row["caption_conditioning"][t]))
+            if row.get("target_token_roles") is not None:
+                roles.append(torch.as_tensor(np.asarray(row["target_token_roles"][t]), dtype=torch.long))
+            if self.character_index or self.setting_index:
+                chars, setting = self.grounding_labels(row, t, i)
+                character_labels.append(chars)
+                setting_labels.append(setting)
 
         length = max(len(ids) for ids in input_ids)
         if self.pad_to_multiple_of:
@@ -154,7 +219,7 @@ class StoryGPTVCollator:
             batch_labels[b, : len(lab)] = torch.tensor(lab)
             attention[b, : len(ids)] = 1
         vision_dim = self.config.vision_embed_dim
-        return {
+        batch = {
             "input_ids": batch_ids,
             "attention_mask": attention,
             "labels": batch_labels,
@@ -162,3 +227,12 @@ class StoryGPTVCollator:
             "target_conditioning": torch.stack(targets),
             "target_frame": torch.tensor(chosen, dtype=torch.long),
         }
+        if anchors:
+            batch["caption_conditioning"] = torch.stack(anchors)
+        if len(roles) == len(rows):
+            batch["target_token_roles"] = torch.stack(roles)
+        if self.character_index:
+            batch["character_labels"] = torch.tensor(character_labels, dtype=torch.float32)
+        if self.setting_index:
+            batch["setting_labels"] = torch.tensor(setting_labels, dtype=torch.long)
+        return batch

@@ -1,5 +1,6 @@
-"""Evaluation: Char-Acc / Char-F1 / BG-Acc and the render-exact SynthSV judge."""
+"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge."""
 
+from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics
 from .synthsv import JudgedFrame, SynthSVJudge, image_to_array, judge_frame, judge_frames, score_stories
 
@@ -9,8 +10,10 @@ __all__ = [
     "background_accuracy",
     "binarize",
     "character_metrics",
+    "grounding_metrics",
     "image_to_array",
     "judge_frame",
     "judge_frames",
     "score_stories",
+    "score_story_grounding",
 ]

@@ -2,8 +2,10 @@
 
 from .configuration_storygptv import LOSS_WEIGHT_PRESETS, StoryGPTVConfig
 from .fuser import CharacterFuser, FusedPromptOutput, encode_fused_prompt
+from .grounding_head import StoryGroundingHead
 from .mapper import StoryLDMMapper
 from .modeling_storygptv import (
+    NextFrameOutput,
     StoryFrame,
     StoryGPTVForConditionalGeneration,
     StoryGPTVOutput,
@@ -29,11 +31,13 @@ __all__ = [
     "LOSS_WEIGHT_PRESETS",
     "CharacterFuser",
     "FusedPromptOutput",
+    "NextFrameOutput",
     "StoryFrame",
     "StoryGPTVConfig",
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",
     "StoryGPTVPreTrainedModel",
+    "StoryGroundingHead",
     "StoryLDMMapper",
     "StoryState",
     "StoryTokens",

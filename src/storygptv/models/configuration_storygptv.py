@@ -8,7 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-__all__ = ["LOSS_WEIGHT_PRESETS", "StoryGPTVConfig"]
+__all__ = ["LOSS_WEIGHT_KEYS", "LOSS_WEIGHT_PRESETS", "MAPPER_QUERY_MODES", "StoryGPTVConfig"]
 
 #: Named stage-2 loss weightings (method notes section 8.1, row 1).
 #:
@@ -16,11 +16,16 @@ __all__ = ["LOSS_WEIGHT_PRESETS", "StoryGPTVConfig"]
 #: - ``"reference_v1"``: 0.5 * CE + 1.0 * align (the public code, v1 script).
 #: - ``"reference_v2"``: 0.5 * CE, alignment logged but not added (the public code's v2 script, which adds
 #:   L_img in the trainer instead).
+#:
+#: The grounding loss (only computed by a model with a grounding head) weighs 1.0 unless a dict sets it.
 LOSS_WEIGHT_PRESETS: dict[str, dict[str, float]] = {
     "paper": {"gen": 1.0, "align": 1.0},
     "reference_v1": {"gen": 0.5, "align": 1.0},
     "reference_v2": {"gen": 0.5, "align": 0.0},
 }
+LOSS_WEIGHT_KEYS: tuple[str, ...] = ("gen", "align", "grounding")
+#: Values of ``mapper_queries``: the paper's learned queries, or the frame's own caption encoding.
+MAPPER_QUERY_MODES: tuple[str, ...] = ("learned", "caption")
 
 
 @strict
@@ -41,12 +46,29 @@ class StoryGPTVConfig(PreTrainedConfig):
             the model run the KV-cached story API without a tokenizer.
         mapper_hidden_size, mapper_num_heads, mapper_num_encoder_layers, mapper_num_decoder_layers,
         mapper_ffn_dim, mapper_dropout, mapper_norm_first: the LDM mapper (paper: 512, 4, 4, 4, 2048, 0, True).
-        ldm_seq_len: number of learned mapper queries, i.e. the conditioning length (77).
+        ldm_seq_len: number of mapper queries, i.e. the conditioning length (77).
         ldm_hidden_size: conditioning width (768 for SD-1.5).
+        mapper_queries: what the mapper's decoder starts from. ``"learned"`` (the paper): ``ldm_seq_len``
+            learned queries, so the whole conditioning comes from the LLM. ``"caption"``: the frame's own
+            caption encoding as Char-LDM computes it (names fused with their reference images where the
+            caption states them), passed as ``caption_conditioning``; the mapper adds a residual to it,
+            zero at initialisation, so a frame that names its cast starts from the conditioning Char-LDM
+            draws right and the LLM only supplies what the caption leaves open (a pronoun, the setting).
         align_loss: ``"mse"`` (paper, mean over all elements) or ``"l2"`` (GILL: per-token L2 norm of the
             difference, averaged over tokens and batch).
-        loss_weights: ``{"gen": w, "align": w}`` or the name of a preset in :data:`LOSS_WEIGHT_PRESETS`
-            (``"paper"`` = both 1.0, the default; ``"reference_v1"`` = 0.5 / 1.0; ``"reference_v2"`` = 0.5 / 0.0).
+        align_character_weight, align_setting_weight: identity-weighted alignment. L_align weighs each
+            conditioning row by its role in the target caption (``target_token_roles``): the fused token of
+            a character by ``align_character_weight``, the token of the setting word by
+            ``align_setting_weight``, every other row by 1 (a weighted mean over the rows). 1.0 / 1.0 is the
+            paper's plain mean.
+        grounding_characters: the cast the grounding head knows (e.g. SynthSV's eight names). When set (or
+            ``grounding_settings`` is), the model predicts from the ``[IMG]`` hidden states which of these
+            characters the frame shows (multi-label, trained with the datasets' character labels); the
+            pipeline reads it to resolve pronouns (``grounding="fuse"``).
+        grounding_settings: the settings the grounding head predicts (single label), or None.
+        loss_weights: ``{"gen": w, "align": w, "grounding": w}`` or the name of a preset in
+            :data:`LOSS_WEIGHT_PRESETS` (``"paper"`` = 1.0 / 1.0, the default; ``"reference_v1"`` = 0.5 / 1.0;
+            ``"reference_v2"`` = 0.5 / 0.0). ``"grounding"`` defaults to 1.0 and needs a grounding head.
         label_scope: which captions carry CE labels in training sequences: ``"all"`` (every caption of the
             interleaved story plus ``[IMG0]``, as in the reference) or ``"target"`` (only the target caption and
             ``[IMG0]``).
@@ -92,7 +114,12 @@ class StoryGPTVConfig(PreTrainedConfig):
     mapper_norm_first: bool = True
     ldm_seq_len: int = 77
     ldm_hidden_size: int = 768
+    mapper_queries: Literal["learned", "caption"] = "learned"
     align_loss: Literal["mse", "l2"] = "mse"
+    align_character_weight: float = 1.0
+    align_setting_weight: float = 1.0
+    grounding_characters: list[str] | None = None
+    grounding_settings: list[str] | None = None
     loss_weights: dict[str, float] | str | None = None
     label_scope: Literal["all", "target"] = "all"
     freeze_language_model: bool = True
@@ -108,25 +135,36 @@ class StoryGPTVConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # Follow the LLM's own tie (as Llava does): the wrapper exposes the LLM's embeddings.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self._check_grounding()
         if isinstance(self.loss_weights, str):
             if self.loss_weights not in LOSS_WEIGHT_PRESETS:
                 raise ValueError(
                     f"Unknown loss-weight preset {self.loss_weights!r}; choose one of {sorted(LOSS_WEIGHT_PRESETS)}."
                 )
-            self.loss_weights = dict(LOSS_WEIGHT_PRESETS[self.loss_weights])
+            weights = dict(LOSS_WEIGHT_PRESETS[self.loss_weights])
         elif self.loss_weights is None:
-            self.loss_weights = dict(LOSS_WEIGHT_PRESETS["paper"])
+            weights = dict(LOSS_WEIGHT_PRESETS["paper"])
         else:
-            unknown = set(self.loss_weights) - {"gen", "align"}
+            unknown = set(self.loss_weights) - set(LOSS_WEIGHT_KEYS)
             if unknown:
                 raise ValueError(
-                    f"`loss_weights` keys must be 'gen' and/or 'align', got unknown {sorted(unknown)}."
+                    f"`loss_weights` keys must be among {list(LOSS_WEIGHT_KEYS)}, got unknown {sorted(unknown)}."
                 )
-            self.loss_weights = {
-                "gen": 1.0,
-                "align": 1.0,
-                **{k: float(v) for k, v in self.loss_weights.items()},
-            }
+            weights = {"gen": 1.0, "align": 1.0, **{k: float(v) for k, v in self.loss_weights.items()}}
+        if self.has_grounding_head:
+            weights.setdefault("grounding", 1.0)
+        self.loss_weights = weights
+        if any(w < 0 for w in self.loss_weights.values()):
+            raise ValueError(f"`loss_weights` must be >= 0, got {self.loss_weights}.")
+        if self.mapper_queries not in MAPPER_QUERY_MODES:
+            raise ValueError(
+                f"`mapper_queries` must be one of {list(MAPPER_QUERY_MODES)}, got {self.mapper_queries!r}."
+            )
+        if self.align_character_weight < 0 or self.align_setting_weight < 0:
+            raise ValueError(
+                f"`align_character_weight` ({self.align_character_weight}) and `align_setting_weight` "
+                f"({self.align_setting_weight}) must be >= 0."
+            )
         if self.num_visual_tokens < 1 or self.num_img_tokens < 1:
             raise ValueError(
                 f"`num_visual_tokens` ({self.num_visual_tokens}) and `num_img_tokens` ({self.num_img_tokens}) "
@@ -143,6 +181,38 @@ class StoryGPTVConfig(PreTrainedConfig):
             )
         if self.lora_rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0, got {self.lora_rank}.")
+
+    def _check_grounding(self) -> None:
+        for field_name in ("grounding_characters", "grounding_settings"):
+            names = getattr(self, field_name)
+            if names is None:
+                continue
+            names = [str(n) for n in names]
+            if not names:
+                raise ValueError(
+                    f"`{field_name}` is an empty list; pass None for no such head, or the names."
+                )
+            folded = [n.strip().lower() for n in names]
+            if any(not n for n in folded) or len(set(folded)) != len(folded):
+                raise ValueError(
+                    f"`{field_name}` must hold distinct, non-empty names (compared ignoring case), got {names}."
+                )
+            setattr(self, field_name, names)
+        if (
+            isinstance(self.loss_weights, dict)
+            and float(self.loss_weights.get("grounding", 0.0)) > 0
+            and not self.has_grounding_head
+        ):
+            raise ValueError(
+                "`loss_weights` sets a 'grounding' weight, but the model has no grounding head: set "
+                "`grounding_characters` (and/or `grounding_settings`) to the names it should predict, or drop "
+                "the 'grounding' weight."
+            )
+
+    @property
+    def has_grounding_head(self) -> bool:
+        """Whether the model predicts the frame's characters and / or setting from its ``[IMG]`` states."""
+        return bool(self.grounding_characters) or bool(self.grounding_settings)
 
     @property
     def context_token_budget(self) -> int | None:

@@ -8,7 +8,14 @@ It turns the R ``[IMG]`` token representations of the LLM into the 77 x 768 cond
     -> Linear(d_model -> ldm_hidden_size) -> (B, 77, ldm_hidden_size)
 
 The paper's sizes are d_model 512, 4 heads, 4 encoder + 4 decoder layers, feed-forward 2048, dropout 0 and
-pre-norm blocks. The module is a plain ``nn.Module``; it is owned by
+pre-norm blocks.
+
+*Caption-anchored* mode (``anchored=True``): the decoder queries are the learned queries **plus** a projection
+of an anchor conditioning (the frame's own caption encoding, 77 x 768), and the output is that anchor plus the
+decoder's residual. The residual's output projection starts at zero, so an untrained anchored mapper returns
+its anchor exactly::
+
+    out = anchor + Linear_0(decoder(queries + Linear(anchor), encoder(x))) The module is a plain ``nn.Module``; it is owned by
 :class:`~storygptv.models.modeling_storygptv.StoryGPTVForConditionalGeneration` as ``ldm_mapper`` and saved
 inside its ``model.safetensors``.
 """
@@ -35,6 +42,7 @@ class StoryLDMMapper(nn.Module):
         out_dim: output width (768 for SD-1.5).
         dropout: dropout of every block (0 in the paper).
         norm_first: pre-norm blocks (True in the paper).
+        anchored: caption-anchored mode (see the module docstring); ``forward`` then needs ``anchor``.
 
     Example:
         >>> import torch
@@ -56,6 +64,7 @@ class StoryLDMMapper(nn.Module):
         out_dim: int = 768,
         dropout: float = 0.0,
         norm_first: bool = True,
+        anchored: bool = False,
     ) -> None:
         super().__init__()
         if d_model % num_heads != 0:
@@ -83,14 +92,44 @@ class StoryLDMMapper(nn.Module):
         )
         self.queries = nn.Parameter(torch.zeros(1, num_queries, d_model))
         self.out_proj = nn.Linear(d_model, out_dim)
+        self.anchored = anchored
+        self.anchor_proj = nn.Linear(out_dim, d_model) if anchored else None
         nn.init.normal_(self.queries, std=0.02)
+        if anchored:
+            self.zero_residual_()
 
-    def forward(self, img_features: torch.Tensor) -> torch.Tensor:
-        """Map ``img_features`` (B, R, in_dim) to (B, num_queries, out_dim)."""
+    @torch.no_grad()
+    def zero_residual_(self) -> None:
+        """Zero the output projection: an anchored mapper then returns its anchor exactly."""
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, img_features: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """Map ``img_features`` (B, R, in_dim) to (B, num_queries, out_dim).
+
+        ``anchor`` (B, num_queries, out_dim) is required in anchored mode and refused otherwise.
+        """
         if img_features.ndim != 3 or img_features.shape[-1] != self.in_dim:
             raise ValueError(
                 f"`img_features` must have shape (batch, num_img_tokens, {self.in_dim}), got {tuple(img_features.shape)}."
             )
-        x = self.in_proj(img_features.to(self.in_proj.weight.dtype))
+        dtype = self.in_proj.weight.dtype
+        x = self.in_proj(img_features.to(dtype))
         queries = self.queries.expand(x.shape[0], -1, -1)
-        return self.out_proj(self.transformer(x, queries))
+        if not self.anchored:
+            if anchor is not None:
+                raise ValueError(
+                    "This mapper uses learned queries (mapper_queries='learned'); it takes no `anchor` "
+                    "(caption_conditioning)."
+                )
+            return self.out_proj(self.transformer(x, queries))
+        expected = (x.shape[0], self.num_queries, self.out_dim)
+        if anchor is None or tuple(anchor.shape) != expected:
+            got = None if anchor is None else tuple(anchor.shape)
+            raise ValueError(
+                f"A caption-anchored mapper (mapper_queries='caption') needs `caption_conditioning` of shape "
+                f"{expected} (the frame's Char-LDM caption encoding), got {got}."
+            )
+        anchor = anchor.to(dtype)
+        residual = self.out_proj(self.transformer(x, queries + self.anchor_proj(anchor)))
+        return anchor + residual

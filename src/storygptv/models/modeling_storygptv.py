@@ -21,6 +21,7 @@ Training uses :meth:`StoryGPTVForConditionalGeneration.forward` on sequences lai
         model.append_frame(state, clip_image_embeds, caption_ids)   # commits "Image: <v>*m Caption: c"
 """
 
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_storygptv import StoryGPTVConfig
+from .grounding_head import StoryGroundingHead
 from .mapper import StoryLDMMapper
 from .story_inputs import (
     StoryTokens,
@@ -53,6 +55,7 @@ from .story_inputs import (
 )
 
 __all__ = [
+    "NextFrameOutput",
     "StoryFrame",
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",
@@ -61,32 +64,84 @@ __all__ = [
 ]
 
 
+def cache_argument_name(module: nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes its key/value cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes away in 5.40);
+    earlier 5.x releases only know ``past_key_values``. Asking the signature supports both.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside this module (the caller)."""
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def output_cache(output: Any) -> Any:
+    """The key/value cache of a transformers model output, under its new (``cache``) or old name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 @dataclass
 class StoryGPTVOutput(ModelOutput):
     """Output of :meth:`StoryGPTVForConditionalGeneration.forward`.
 
     Attributes:
-        loss: ``w_gen * gen_loss + w_align * align_loss`` over the terms that could be computed (None if none).
+        loss: ``w_gen * gen_loss + w_align * align_loss + w_grounding * grounding_loss`` over the terms that could
+            be computed (None if none).
         gen_loss: L_gen, shifted cross-entropy over the labelled tokens (captions and ``[IMG0]``).
-        align_loss: L_align between ``conditioning`` and ``target_conditioning`` (``"mse"`` or ``"l2"``); reported
-            even when its weight is 0.
+        align_loss: L_align between ``conditioning`` and ``target_conditioning`` (``"mse"`` or ``"l2"``, weighted
+            by ``target_token_roles`` when the config asks); reported even when its weight is 0.
+        grounding_loss: BCE of the character logits + CE of the setting logits against the given labels.
         logits: (B, L, vocab) LM logits.
         conditioning: (B, ldm_seq_len, ldm_hidden_size) mapper output from the ``[IMG]`` tokens (None when the
             sequences hold no ``[IMG]`` tokens); a trainer can feed it to the frozen LDM for L_img.
         img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
-        past_key_values: the LLM cache when ``use_cache``.
+        character_logits: (B, len(grounding_characters)) from the grounding head, when the model has one.
+        setting_logits: (B, len(grounding_settings)) from the grounding head, when it predicts settings.
+        cache: the LLM key/value cache when ``use_cache`` (``past_key_values`` is a read-only alias).
         hidden_states / attentions: the LLM's, when requested.
     """
 
     loss: torch.FloatTensor | None = None
     gen_loss: torch.FloatTensor | None = None
     align_loss: torch.FloatTensor | None = None
+    grounding_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     conditioning: torch.FloatTensor | None = None
     img_hidden_states: torch.FloatTensor | None = None
-    past_key_values: Any = None
+    character_logits: torch.FloatTensor | None = None
+    setting_logits: torch.FloatTensor | None = None
+    cache: Any = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> Any:
+        """The LLM cache under its pre-5.24 transformers name."""
+        return self.cache
+
+
+@dataclass
+class NextFrameOutput(ModelOutput):
+    """What the LLM reads for the next frame (:meth:`StoryGPTVForConditionalGeneration.read_next_frame`).
+
+    Attributes:
+        img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
+        img_input_embeds: (B, R, embed_dim) input embeddings of the ``[IMG]`` tokens (the mapper reads the sum).
+        character_logits: (B, len(grounding_characters)) grounding logits, or None without a grounding head.
+        setting_logits: (B, len(grounding_settings)) grounding logits, or None.
+    """
+
+    img_hidden_states: torch.FloatTensor | None = None
+    img_input_embeds: torch.FloatTensor | None = None
+    character_logits: torch.FloatTensor | None = None
+    setting_logits: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -158,7 +213,7 @@ class StoryGPTVPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["StoryLDMMapper"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -169,6 +224,10 @@ class StoryGPTVPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, StoryLDMMapper):
             init.normal_(module.queries, mean=0.0, std=self.config.initializer_range)
+            if module.anchored:
+                # A caption-anchored mapper starts as the identity on its anchor (zero residual).
+                init.zeros_(module.out_proj.weight)
+                init.zeros_(module.out_proj.bias)
 
 
 class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixin):
@@ -213,6 +272,14 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             out_dim=config.ldm_hidden_size,
             dropout=config.mapper_dropout,
             norm_first=config.mapper_norm_first,
+            anchored=config.mapper_queries == "caption",
+        )
+        self.grounding_head = (
+            StoryGroundingHead(
+                embed_dim, len(config.grounding_characters or []), len(config.grounding_settings or [])
+            )
+            if config.has_grounding_head
+            else None
         )
         self._grad_mask_handles: list[Any] = []
         self._grad_masked_params: list[int] = []
@@ -506,22 +573,81 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             raise ValueError("The [IMG] tokens of a sequence must be consecutive ([IMG0]..[IMG{R-1}]).")
         return positions
 
-    def map_img_tokens(self, img_hidden_states: torch.Tensor, img_input_embeds: torch.Tensor) -> torch.Tensor:
-        """Mapper on ``hidden + input embedding`` of the R ``[IMG]`` tokens -> (B, ldm_seq_len, ldm_hidden_size)."""
-        mapper_dtype = self.ldm_mapper.in_proj.weight.dtype
-        return self.ldm_mapper(img_hidden_states.to(mapper_dtype) + img_input_embeds.to(mapper_dtype))
+    def map_img_tokens(
+        self,
+        img_hidden_states: torch.Tensor,
+        img_input_embeds: torch.Tensor,
+        caption_conditioning: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mapper on ``hidden + input embedding`` of the R ``[IMG]`` tokens -> (B, ldm_seq_len, ldm_hidden_size).
 
-    def compute_align_loss(self, conditioning: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """L_align: ``"mse"`` (mean over elements) or ``"l2"`` (per-token L2 norm, mean over tokens and batch)."""
+        ``caption_conditioning`` is the anchor of a caption-anchored mapper (``mapper_queries="caption"``): the
+        frame's caption encoding as Char-LDM computes it. The learned-query mapper takes none.
+        """
+        mapper_dtype = self.ldm_mapper.in_proj.weight.dtype
+        features = img_hidden_states.to(mapper_dtype) + img_input_embeds.to(mapper_dtype)
+        if caption_conditioning is not None:
+            caption_conditioning = caption_conditioning.to(device=features.device)
+        return self.ldm_mapper(features, caption_conditioning)
+
+    def align_row_weights(self, token_roles: torch.Tensor) -> torch.Tensor:
+        """(B, L) weight of each conditioning row for L_align from its role (0 other, 1 character, 2 setting)."""
+        weights = torch.ones(token_roles.shape, dtype=torch.float32, device=token_roles.device)
+        weights[token_roles == 1] = float(self.config.align_character_weight)
+        weights[token_roles == 2] = float(self.config.align_setting_weight)
+        return weights
+
+    def compute_align_loss(
+        self, conditioning: torch.Tensor, target: torch.Tensor, token_roles: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L_align: ``"mse"`` (mean over elements) or ``"l2"`` (per-token L2 norm, mean over tokens and batch).
+
+        With ``token_roles`` (B, L) and a config that weighs characters or settings (``align_character_weight``,
+        ``align_setting_weight`` != 1), each row's error (its mean squared error, or its L2 norm) is averaged with
+        weight w_i per row: ``sum_i w_i e_i / sum_i w_i`` per sample, then the mean over the batch. With unit
+        weights this is the plain loss.
+        """
         target = target.to(device=conditioning.device, dtype=torch.float32)
         if target.shape != conditioning.shape:
             raise ValueError(
                 f"`target_conditioning` has shape {tuple(target.shape)}, expected {tuple(conditioning.shape)}."
             )
         diff = conditioning.float() - target
-        if self.config.align_loss == "mse":
-            return diff.pow(2).mean()
-        return diff.norm(dim=-1).mean()
+        weighted = token_roles is not None and (
+            self.config.align_character_weight != 1.0 or self.config.align_setting_weight != 1.0
+        )
+        if not weighted:
+            if self.config.align_loss == "mse":
+                return diff.pow(2).mean()
+            return diff.norm(dim=-1).mean()
+        if token_roles.shape != diff.shape[:2]:
+            raise ValueError(
+                f"`target_token_roles` has shape {tuple(token_roles.shape)}, expected {tuple(diff.shape[:2])}."
+            )
+        per_row = diff.pow(2).mean(-1) if self.config.align_loss == "mse" else diff.norm(dim=-1)
+        weights = self.align_row_weights(token_roles.to(diff.device))
+        return ((per_row * weights).sum(-1) / weights.sum(-1).clamp_min(1e-12)).mean()
+
+    def ground(self, img_hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Grounding logits ``(characters, settings)`` of the ``[IMG]`` states; ``(None, None)`` without a head."""
+        if self.grounding_head is None:
+            return None, None
+        return self.grounding_head(img_hidden_states)
+
+    def grounded_characters(self, character_logits: torch.Tensor, threshold: float = 0.5) -> list[list[str]]:
+        """Names of the characters predicted present (probability >= ``threshold``), most probable first."""
+        names = self.config.grounding_characters or []
+        probs = character_logits.float().sigmoid().cpu()
+        out = []
+        for row in probs:
+            order = torch.argsort(row, descending=True, stable=True).tolist()
+            out.append([names[i] for i in order if float(row[i]) >= threshold])
+        return out
+
+    def grounded_settings(self, setting_logits: torch.Tensor) -> list[str]:
+        """The most probable setting of each row."""
+        names = self.config.grounding_settings or []
+        return [names[i] for i in setting_logits.float().argmax(-1).tolist()]
 
     @can_return_tuple
     def forward(
@@ -531,13 +657,18 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         image_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         target_conditioning: torch.Tensor | None = None,
+        caption_conditioning: torch.Tensor | None = None,
+        target_token_roles: torch.LongTensor | None = None,
+        character_labels: torch.Tensor | None = None,
+        setting_labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         compute_logits: bool = True,
+        past_key_values: Any = None,
         **kwargs: Any,
     ) -> StoryGPTVOutput:
         """Run the LLM over an interleaved story batch.
@@ -549,8 +680,16 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             image_embeds: (num_images, vision_embed_dim) CLIP embeddings in placeholder order.
             labels: (B, L) CE labels (-100 ignored); shifted inside.
             target_conditioning: (B, ldm_seq_len, ldm_hidden_size) alignment target.
+            caption_conditioning: (B, ldm_seq_len, ldm_hidden_size) the anchor of a caption-anchored mapper (the
+                target frame's caption encoding as written); required with ``mapper_queries="caption"``.
+            target_token_roles: (B, ldm_seq_len) role of each target row (0 other, 1 character, 2 setting) for
+                the identity-weighted L_align.
+            character_labels: (B, len(grounding_characters)) multi-hot cast of the target frame (rows of -1:
+                unknown), for the grounding loss.
+            setting_labels: (B,) index of the target frame's setting in ``grounding_settings`` (-100: unknown).
             inputs_embeds: precomputed input embeddings (then ``input_ids`` may still be given to locate
                 ``[IMG]`` tokens).
+            cache: the LLM key/value cache (``past_key_values`` is accepted as its old name).
             compute_logits: set False to skip the LM head (conditioning only).
 
         Returns:
@@ -558,19 +697,22 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         """
         if (input_ids is None) == (inputs_embeds is None) and inputs_embeds is None:
             raise ValueError("Pass `input_ids` (and optionally `inputs_embeds`).")
+        if cache is None:
+            cache = past_key_values
         if self.training:
             self._ensure_trainable_rows()
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, image_embeds)
-        out = self._llm_body()(
+        body = self._llm_body()
+        out = body(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
+            **{cache_argument_name(body): cache},
             **kwargs,
         )
         hidden = out.last_hidden_state
@@ -584,18 +726,24 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
             gen_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
-        conditioning = img_hidden = None
+        conditioning = img_hidden = character_logits = setting_logits = None
         positions = self._img_positions(input_ids) if input_ids is not None else None
         if positions is not None:
             rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(-1)
             img_hidden = hidden[rows, positions]
-            conditioning = self.map_img_tokens(img_hidden, inputs_embeds[rows, positions])
+            conditioning = self.map_img_tokens(
+                img_hidden, inputs_embeds[rows, positions], caption_conditioning
+            )
+            character_logits, setting_logits = self.ground(img_hidden)
 
         align_loss = None
         if target_conditioning is not None:
             if conditioning is None:
                 raise ValueError("`target_conditioning` was given but `input_ids` hold no [IMG] tokens.")
-            align_loss = self.compute_align_loss(conditioning, target_conditioning)
+            align_loss = self.compute_align_loss(conditioning, target_conditioning, target_token_roles)
+        grounding_loss = StoryGroundingHead.loss(
+            character_logits, setting_logits, character_labels, setting_labels
+        )
 
         weights = self.config.loss_weights
         terms = []
@@ -603,16 +751,21 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             terms.append(weights["gen"] * gen_loss)
         if align_loss is not None:
             terms.append(weights["align"] * align_loss)
+        if grounding_loss is not None:
+            terms.append(weights.get("grounding", 1.0) * grounding_loss)
         loss = torch.stack(terms).sum() if terms else None
 
         return StoryGPTVOutput(
             loss=loss,
             gen_loss=gen_loss,
             align_loss=align_loss,
+            grounding_loss=grounding_loss,
             logits=logits,
             conditioning=conditioning,
             img_hidden_states=img_hidden,
-            past_key_values=out.past_key_values if use_cache is not False else None,
+            character_logits=character_logits,
+            setting_logits=setting_logits,
+            cache=output_cache(out) if use_cache is not False else None,
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
@@ -696,14 +849,15 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             state.cache = DynamicCache(config=self.config.text_config)
         position_ids = torch.arange(state.cache_length, state.cache_length + L, device=device)
         position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
-        out = self._llm_body()(
+        body = self._llm_body()
+        out = body(
             inputs_embeds=embeds,
             position_ids=position_ids,
-            past_key_values=state.cache,
             use_cache=True,
             return_dict=True,
+            **{cache_argument_name(body): state.cache},
         )
-        state.cache = out.past_key_values
+        state.cache = output_cache(out)
         state.cache_length += L
         state._count(L)
         return out.last_hidden_state, embeds
@@ -731,7 +885,7 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             self._run_cached(state, bos, None)
 
     def _trim_to_budget(
-        self, state: StoryState, frames: list[StoryFrame], extra_tokens: int, what: str, stacklevel: int = 4
+        self, state: StoryState, frames: list[StoryFrame], extra_tokens: int, what: str
     ) -> list[StoryFrame]:
         """Drop the oldest of ``frames`` (with a warning) until BOS + frames + ``extra_tokens`` fit the budget."""
         budget = self.config.context_token_budget
@@ -750,19 +904,21 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         warnings.warn(
             f"Story context exceeds the LLM budget of {budget} tokens (max_context_tokens): dropping the "
             f"{dropped} oldest frame(s) and rebuilding the cache ({len(kept)} frame(s) kept).",
-            stacklevel=stacklevel,
+            stacklevel=_caller_stacklevel(),
         )
         state.num_frames_dropped += dropped
         return kept
 
     def _fit_budget(self, state: StoryState, extra_tokens: int, what: str) -> None:
         """Drop the oldest frames (and rebuild) until ``cache_length + extra_tokens`` fits the token budget."""
-        kept = self._trim_to_budget(state, state.frames, extra_tokens, what, stacklevel=5)
+        kept = self._trim_to_budget(state, state.frames, extra_tokens, what)
         if len(kept) != len(state.frames):
             state.frames = kept
             self._rebuild_cache(state)
 
-    def next_frame_conditioning(self, state: StoryState, caption_ids: Any) -> torch.Tensor:
+    def next_frame_conditioning(
+        self, state: StoryState, caption_ids: Any, caption_conditioning: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """LDM conditioning of the next frame, given the committed story context (the state is not committed).
 
         Runs ``" Caption: c Image:" + [IMG0..R-1]`` on top of the cached context, reads the ``[IMG]`` hidden
@@ -774,14 +930,34 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             caption_ids: the caption as token ids (from :func:`~storygptv.models.story_inputs.encode_caption`):
                 a list of ints (batch 1, or shared by the batch), a list of lists / (B, L) tensor; or text / a list
                 of texts when the state holds a tokenizer.
+            caption_conditioning: the anchor of a caption-anchored mapper (the caption's Char-LDM encoding).
 
         Returns:
             (B, ldm_seq_len, ldm_hidden_size) conditioning in the mapper's dtype.
         """
+        reading = self.read_next_frame(state, caption_ids)
         with torch.no_grad():
-            return self._next_frame_conditioning(state, caption_ids)
+            return self.map_img_tokens(
+                reading.img_hidden_states, reading.img_input_embeds, caption_conditioning
+            )
 
-    def _next_frame_conditioning(self, state: StoryState, caption_ids: Any) -> torch.Tensor:
+    def read_next_frame(self, state: StoryState, caption_ids: Any) -> NextFrameOutput:
+        """Run the LLM for the next frame (as :meth:`next_frame_conditioning`) without mapping its states.
+
+        Returns the ``[IMG]`` hidden states and input embeddings, and the grounding logits when the model has a
+        grounding head, so a caller can resolve the frame's characters before it builds the mapper's anchor.
+        """
+        with torch.no_grad():
+            hidden, embeds = self._read_next_frame(state, caption_ids)
+            character_logits, setting_logits = self.ground(hidden)
+        return NextFrameOutput(
+            img_hidden_states=hidden,
+            img_input_embeds=embeds,
+            character_logits=character_logits,
+            setting_logits=setting_logits,
+        )
+
+    def _read_next_frame(self, state: StoryState, caption_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
         before = state.llm_tokens_total
         captions = self._caption_batch(state, caption_ids)
         tokens = state.tokens
@@ -793,7 +969,7 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             if len(captions[0]) > room:
                 warnings.warn(
                     f"Caption of {len(captions[0])} tokens truncated to {room} to fit the LLM budget of {budget}.",
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
                 captions = [c[:room] for c in captions]
         segments = [target_segment(tokens, c) for c in captions]
@@ -804,11 +980,10 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         ids = torch.tensor([s.input_ids for s in segments])
         hidden, embeds = self._run_cached(state, ids, None)
         R = len(tokens.img_token_ids)
-        conditioning = self.map_img_tokens(hidden[:, -R:], embeds[:, -R:])
         state.cache.crop(committed - state.cache_length)
         state.cache_length = committed
         state.last_call_tokens = state.llm_tokens_total - before
-        return conditioning
+        return hidden[:, -R:], embeds[:, -R:]
 
     def append_frame(self, state: StoryState, image_embeds: torch.Tensor, caption_ids: Any) -> None:
         """Commit ``"Image:" + m visual tokens + " Caption: c"`` of a finished frame to the story context.
@@ -840,7 +1015,7 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             frames = [*state.frames, frame]
             keep = frames[len(frames) - state.context_window :] if state.context_window > 0 else []
             state.num_frames_dropped += len(frames) - len(keep)
-            state.frames = self._trim_to_budget(state, keep, 0, "context window", stacklevel=4)
+            state.frames = self._trim_to_budget(state, keep, 0, "context window")
             self._rebuild_cache(state)
         else:
             seg_len = frame.num_tokens(state.tokens)
@@ -858,10 +1033,12 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         context_caption_ids: Sequence[Any],
         context_image_embeds: torch.Tensor | None,
         target_caption_ids: Any,
+        caption_conditioning: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reference (no-cache) conditioning: one forward pass over the full sequence (batch 1).
 
-        ``context_image_embeds`` is (n_frames, vision_embed_dim). Equals the cached path (tests check it).
+        ``context_image_embeds`` is (n_frames, vision_embed_dim); ``caption_conditioning`` is the anchor of a
+        caption-anchored mapper. Equals the cached path (tests check it).
         """
         tokens = StoryTokens.from_config(self.config)
         ids = list(tokens.bos_ids)
@@ -872,6 +1049,7 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         out = self(
             input_ids=torch.tensor([ids], device=device),
             image_embeds=context_image_embeds,
+            caption_conditioning=caption_conditioning,
             use_cache=False,
             compute_logits=False,
         )

@@ -17,11 +17,15 @@ from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 
 from ..characters import find_character_mentions, normalize_characters
+from ..grounding import ground_caption, named_setting
 from ..models.fuser import CharacterFuser, preprocess_reference_images
 from ..models.modeling_storygptv import StoryGPTVForConditionalGeneration
 from .pipeline_char_ldm import CharLDMPipeline
 
-__all__ = ["StoryGPTVPipeline", "StoryGPTVPipelineOutput", "encode_story_images"]
+__all__ = ["GROUNDING_MODES", "StoryGPTVPipeline", "StoryGPTVPipelineOutput", "encode_story_images"]
+
+#: Values of the pipeline's ``grounding`` argument.
+GROUNDING_MODES: tuple[str, ...] = ("none", "fuse")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -52,10 +56,19 @@ class StoryGPTVPipelineOutput(BaseOutput):
         conditionings: with ``return_conditioning=True``, the UNet conditioning of each frame after the
             merge step, (N, seq_len, dim): the fused caption embedding for frame 1, the mapped LLM
             output for later frames.
+        characters: per frame, the characters it was drawn with: those its caption names, plus, with
+            ``grounding="fuse"``, those the story model resolved for its pronouns. Without ``"fuse"``, a
+            model with a grounding head reports what it predicted (the conditioning does not use it).
+        settings: per frame, the setting named in the drawn caption (or predicted, see ``characters``), or None.
+        captions: the captions the frames were drawn from: the story's, with ``grounding="fuse"`` grounded
+            ("They are jumping." -> "Ava and Bo are jumping in the forest.").
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     conditionings: torch.Tensor | None = None
+    characters: list[list[str]] | None = None
+    settings: list[str | None] | None = None
+    captions: list[str] | None = None
 
 
 def encode_story_images(
@@ -128,6 +141,24 @@ class StoryGPTVPipeline(CharLDMPipeline):
         token counters (e.g. ``llm_tokens_total``)."""
         return getattr(self, "_story_state", None)
 
+    def resolve_grounding(self, grounding: str | None) -> str:
+        """The grounding mode of a call: ``grounding``, or by default ``"fuse"`` when the story model has a
+        grounding head and ``"none"`` otherwise. Raises a ``ValueError`` naming the fix for a bad value."""
+        has_head = bool(getattr(self.story_model.config, "has_grounding_head", False))
+        if grounding is None:
+            return "fuse" if has_head else "none"
+        if grounding not in GROUNDING_MODES:
+            raise ValueError(
+                f"`grounding` must be one of {list(GROUNDING_MODES)} or None, got {grounding!r}."
+            )
+        if grounding == "fuse" and not has_head:
+            raise ValueError(
+                "`grounding='fuse'` needs a story model with a grounding head (its config sets "
+                "`grounding_characters`); this one has none. Use grounding='none', or train the story model "
+                "with `train_storygptv.py --grounding`."
+            )
+        return grounding
+
     def _check_story(self, captions: Any, context_window: int | None) -> list[str]:
         if isinstance(captions, str):
             raise TypeError(
@@ -154,6 +185,7 @@ class StoryGPTVPipeline(CharLDMPipeline):
         context_window: int | None = None,
         start_merge_step: int | None = None,
         max_characters: int | None = None,
+        grounding: str | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         return_conditioning: bool = False,
@@ -181,6 +213,13 @@ class StoryGPTVPipeline(CharLDMPipeline):
                 after the first whose caption names no character of ``characters`` (pronoun-only captions)
                 use the LLM conditioning from step 0, as in the paper.
             max_characters: most characters fused per caption for frame 1 (default: the fuser's).
+            grounding: how frames after the first use the story model's grounding head. ``"fuse"``: the
+                characters it resolves for a caption's pronouns, and the setting it resolves when the caption
+                names none, are written into the caption ("They are jumping." -> "Ava and Bo are jumping in the
+                forest.") and their reference images fused, so identity comes from the references rather
+                than the mapper's memory; names the caption states are always kept. ``"none"``: the
+                conditioning is the mapper's alone (the paper). ``None`` (default): ``"fuse"`` when the model
+                has a grounding head, else ``"none"``.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StoryGPTVPipelineOutput` rather than a tuple.
             return_conditioning: also return each frame's UNet conditioning.
@@ -195,6 +234,7 @@ class StoryGPTVPipeline(CharLDMPipeline):
             :class:`StoryGPTVPipelineOutput`, or ``(images, conditionings)`` when ``return_dict=False``.
         """
         captions = self._check_story(captions, context_window)
+        grounding = self.resolve_grounding(grounding)
         height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(
             height,
             width,
@@ -218,7 +258,13 @@ class StoryGPTVPipeline(CharLDMPipeline):
             )
         # Read every reference image before any long work starts.
         cast = normalize_characters(characters, 1)[0]
-        unused = [name for name in cast if not any(find_character_mentions(c, [name]) for c in captions)]
+        # With grounding="fuse", a character the story model knows can enter a frame through a pronoun.
+        resolvable = set(self.story_model.config.grounding_characters or []) if grounding == "fuse" else set()
+        unused = [
+            name
+            for name in cast
+            if name not in resolvable and not any(find_character_mentions(c, [name]) for c in captions)
+        ]
         if unused:
             warnings.warn(
                 f"Characters {unused} are not named in any caption of the story; their reference images are "
@@ -234,22 +280,55 @@ class StoryGPTVPipeline(CharLDMPipeline):
             batch_size=1, context_window=context_window, tokenizer=self.story_tokenizer
         )
         self._story_state = state
+        config = self.story_model.config
+        known_names = list(dict.fromkeys([*cast, *(config.grounding_characters or [])]))
+        known_settings = list(config.grounding_settings or [])
+        anchored = config.mapper_queries == "caption"
         frames: list[torch.Tensor] = []
         latents_out: list[torch.Tensor] = []
         conditionings: list[torch.Tensor] = []
+        drawn_captions: list[str] = []
+        frame_characters: list[list[str]] = []
+        frame_settings: list[str | None] = []
         for index in self.progress_bar(range(len(captions))):
             self._current_frame = index
             caption = captions[index]
-            encoded = self.encode_fused(
-                caption, cast, max_characters=max_characters, device=device, warn=False
-            )
-            if index == 0:
+            reading = predicted = predicted_setting = None
+            if index > 0:
+                reading = self.story_model.read_next_frame(state, caption)
+                if reading.character_logits is not None:
+                    predicted = self.story_model.grounded_characters(reading.character_logits)[0]
+                if reading.setting_logits is not None:
+                    predicted_setting = self.story_model.grounded_settings(reading.setting_logits)[0]
+            drawn = caption
+            if grounding == "fuse" and reading is not None:
+                drawn = ground_caption(caption, predicted or [], predicted_setting, known_settings)
+            encoded = self.encode_fused(drawn, cast, max_characters=max_characters, device=device, warn=False)
+            if reading is None:
                 conditioning, merge_step = encoded.prompt_embeds, start_merge_step
             else:
-                conditioning = self.story_model.next_frame_conditioning(state, caption)
-                names_characters = bool(cast) and bool(find_character_mentions(caption, cast))
+                if anchored:
+                    conditioning = self.story_model.map_img_tokens(
+                        reading.img_hidden_states, reading.img_input_embeds, encoded.prompt_embeds
+                    )
+                elif grounding == "fuse":
+                    conditioning = encoded.prompt_embeds
+                else:
+                    conditioning = self.story_model.map_img_tokens(
+                        reading.img_hidden_states, reading.img_input_embeds
+                    )
+                names_characters = bool(cast) and bool(find_character_mentions(drawn, cast))
                 merge_step = start_merge_step if names_characters else 0
             conditioning = conditioning.to(device=device, dtype=encoded.text_embeds.dtype)
+            drawn_captions.append(drawn)
+            named = [m.name for m in find_character_mentions(drawn, known_names)]
+            if grounding == "none" and predicted is not None:
+                named = predicted
+            frame_characters.append(named)
+            setting = named_setting(drawn, known_settings) if known_settings else None
+            frame_settings.append(
+                predicted_setting if grounding == "none" and reading is not None else setting
+            )
             frame_generator = generator[index] if isinstance(generator, list) else generator
             latents = self.prepare_latents(
                 1, self.unet.config.in_channels, height, width, conditioning.dtype, device, frame_generator
@@ -293,7 +372,13 @@ class StoryGPTVPipeline(CharLDMPipeline):
         stacked_conditioning = torch.stack(conditionings) if return_conditioning else None
         if not return_dict:
             return (images, stacked_conditioning)
-        return StoryGPTVPipelineOutput(images=images, conditionings=stacked_conditioning)
+        return StoryGPTVPipelineOutput(
+            images=images,
+            conditionings=stacked_conditioning,
+            characters=frame_characters,
+            settings=frame_settings,
+            captions=drawn_captions,
+        )
 
 
 StoryGPTVPipeline.__call__.__doc__ = (StoryGPTVPipeline.__call__.__doc__ or "") + EXAMPLE_DOC_STRING
