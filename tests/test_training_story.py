@@ -205,7 +205,81 @@ def test_name_background_restores_the_setting_of_the_target_caption(precompute, 
     assert implicit > 0  # the sample has frames whose caption leaves the setting implicit
 
 
+def test_precompute_records_anchors_roles_and_label_sets(precompute, targets_dir, char_ldm_dir):
+    from storygptv import CharLDMPipeline
+    from storygptv.characters import locate_character_tokens
+    from storygptv.data import load_story_dataset
+    from storygptv.data.synthsv import reference_images
+
+    data = precompute.load_precomputed_targets(targets_dir)
+    config = json.loads((targets_dir / precompute.CONFIG_FILE).read_text())
+    stories = load_story_dataset("synthsv", split="train", num_stories=6)
+    assert config["character_names"] == sorted({n for s in stories for f in s["characters"] for n in f})
+    assert config["setting_names"] == sorted({b for s in stories for b in s["background"]})
+    pipe = CharLDMPipeline.from_pretrained(char_ldm_dir)
+    refs = reference_images()
+    row, story = data[2], stories[2]
+    assert row["background"] == story["background"] and row["characters"] == story["characters"]
+    cast = {n: refs[n] for frame in story["characters"] for n in frame}
+    # The anchor: the referential captions as written, names fused where they are stated.
+    anchors = pipe.encode_fused(story["referential_captions"], cast, warn=False).prompt_embeds
+    torch.testing.assert_close(row["caption_conditioning"], anchors, rtol=1e-5, atol=1e-5)
+    # Roles: 1 at each fused character token of the target caption, 2 at its setting word (if named).
+    encoded = pipe.encode_fused(story["captions"], cast, warn=False)
+    for t, caption in enumerate(story["captions"]):
+        expected = torch.zeros(pipe.tokenizer.model_max_length, dtype=torch.int8)
+        for m in locate_character_tokens(caption, [story["background"][t]], pipe.tokenizer):
+            expected[m.token_index] = 2
+        for index in encoded.character_token_indices[t].tolist():
+            if index >= 0:
+                expected[index] = 1
+        assert torch.equal(row["target_token_roles"][t], expected)
+    assert (data[0]["target_token_roles"] == 1).any()
+
+
 # -------------------------------------------------------------------------------------- train_storygptv
+def test_stage2_design_options_train_and_ground(stage2, precompute, char_ldm_dir, lm_dir, targets_dir, work):
+    from storygptv.data.synthsv import reference_images
+    from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
+
+    config = json.loads((targets_dir / precompute.CONFIG_FILE).read_text())
+    out = work / "stage2_design"
+    stage2.main(
+        stage2_argv(
+            char_ldm_dir, lm_dir, targets_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2,
+            "--mapper_queries", "caption", "--restored_anchor_prob", 0.5, "--align_character_weight", 4,
+            "--align_setting_weight", 2, "--grounding", "--grounding_loss_weight", 0.5, "--img_loss_weight", 0,
+            "--validation_targets_dir", targets_dir,
+        )
+    )  # fmt: skip
+    summary = json.loads((out / "train_summary.json").read_text())
+    logs = summary["final_logs"]
+    assert logs["loss"] == pytest.approx(
+        0.5 * logs["gen_loss"] + logs["align_loss"] + 0.5 * logs["grounding_loss"], rel=1e-4
+    )
+    assert {"grounding_loss", "grounding_exact"} <= set(summary["best_validation"])
+    pipe = StoryGPTVPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = pipe.story_model.config
+    assert cfg.mapper_queries == "caption" and (cfg.align_character_weight, cfg.align_setting_weight) == (
+        4,
+        2,
+    )
+    assert cfg.grounding_characters == config["character_names"]
+    assert cfg.grounding_settings == config["setting_names"]
+    assert cfg.loss_weights["grounding"] == 0.5
+    refs = reference_images()
+    story = pipe(
+        ["Ava and Bo are standing in the forest.", "They are jumping."],
+        characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
+        num_inference_steps=2,
+    )
+    assert len(story.characters) == 2 and story.captions[0] == "Ava and Bo are standing in the forest."
+    assert all(name in cfg.grounding_characters for name in story.characters[1])
+    with pytest.raises(SystemExit):  # an option that only applies to the caption mapper
+        stage2.parse_args(stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, "--restored_anchor_prob", 0.5))
+
+
 def test_stage2_end_to_end_whole_pipeline(stage2, char_ldm_dir, lm_dir, targets_dir, work):
     from storygptv.data.synthsv import reference_images
     from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline

@@ -10,12 +10,14 @@ image at its name, exactly as for a caption that named it:
 
 Rules (the inverse of the referential rules of :mod:`storygptv.data.referential`):
 
-- Only what the caption leaves open is filled in: characters the caption already names stay as written and
-  are not added again, and a caption that names a known setting keeps it (explicit text wins over context).
+- Only what the caption leaves open is filled in: names the caption states stay as written, and a caption
+  that names a known setting keeps it (explicit text wins over context).
 - Subject pronouns (he, she, they) become the names, possessives (his, her, their) become ``"<names>'s"``;
-  words are matched whole and ignoring case. A singular pronoun takes the first (most probable) character,
-  a plural one all of them, joined as ``A``, ``A and B``, ``A, B and C``. A plural pronoun resolved to one
-  character makes the verb after it singular ("are" -> "is", "were" -> "was", "have" -> "has").
+  words are matched whole and ignoring case. A singular pronoun takes the first (most probable) character
+  the caption does not name; a plural one the characters it does not name, or the whole set when fewer than
+  two are left (see :func:`restore_characters`), joined as ``A``, ``A and B``, ``A, B and C``. A plural
+  pronoun resolved to one character makes the verb after it singular ("are" -> "is", "were" -> "was",
+  "have" -> "has").
 - A caption without such pronouns keeps its characters; one with no open character (nothing left to
   resolve) is unchanged.
 - The setting is added as ``" in the <setting>"`` before the final punctuation.
@@ -62,7 +64,12 @@ def join_names(names: Sequence[str]) -> str:
 
 
 def restore_characters(caption: str, characters: Sequence[str]) -> str:
-    """``caption`` with its pronouns replaced by the ``characters`` it does not already name.
+    """``caption`` with its pronouns replaced by the resolved ``characters``.
+
+    A singular pronoun takes the first character that the caption does not already name (it is left as it is
+    when there is none). A plural pronoun takes the characters the caption does not name when there are at
+    least two of them, else the whole resolved set ("They argue about Fred's car." with Fred and Barney is
+    "Fred and Barney argue about Fred's car.", as the referential rules wrote it).
 
     Args:
         caption: a caption, possibly referential ("She is laughing.").
@@ -73,17 +80,18 @@ def restore_characters(caption: str, characters: Sequence[str]) -> str:
     >>> restore_characters("They are sitting. Their day is long.", ["Ava"])
     "Ava is sitting. Ava's day is long."
     """
+    characters = list(dict.fromkeys(characters))
     open_characters = [name for name in characters if not find_character_mentions(caption, [name])]
-    if not open_characters:
-        return caption
+    plural = open_characters if len(open_characters) >= 2 or len(characters) < 2 else characters
     pieces: list[str] = []
     cursor = 0
     for match in _PRONOUN.finditer(caption):
         word = match.group(1).lower()
-        names = open_characters if word in PLURAL_PRONOUNS else open_characters[:1]
-        text = join_names(names) + ("'s" if word in POSSESSIVE_PRONOUNS else "")
+        names = plural if word in PLURAL_PRONOUNS else open_characters[:1]
+        if not names:
+            continue
         pieces.append(caption[cursor : match.start()])
-        pieces.append(text)
+        pieces.append(join_names(names) + ("'s" if word in POSSESSIVE_PRONOUNS else ""))
         cursor = match.end()
         if word == "they" and len(names) == 1:
             verb = _VERB_AFTER.match(caption, cursor)
