@@ -26,6 +26,10 @@ def test_default_model_folder_is_complete_and_small():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]  # safetensors only
     assert not list(DEFAULT.glob("checkpoint-*"))
     assert sorted(p.stem for p in (DEFAULT / "characters").glob("*.png")) == sorted(CHARACTERS)
+    # No path of the training machine in any shipped config.
+    for path in DEFAULT.rglob("*.json"):
+        text = path.read_text()
+        assert "/work/" not in text and "runs/" not in text, path
 
 
 @pytest.fixture(scope="module")

@@ -212,3 +212,23 @@ def test_push_folder_to_hub(tmp_path, monkeypatch):
     assert calls["create"] == ("model", "t", None, True)
     assert calls["upload"]["repo_id"] == "me/model"
     assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
+
+
+def test_scrub_local_paths_keeps_hub_ids(tmp_path):
+    folder = tmp_path / "export"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "checkpoint-2").mkdir()
+    local = {"_name_or_path": str(tmp_path / "runs" / "unet"), "layers": 2}
+    nested = {"text_config": {"_name_or_path": "./runs/lm", "hidden": 8}, "_name_or_path": "facebook/opt-125m"}
+    (folder / "unet" / "config.json").write_text(json.dumps(local))
+    (folder / "config.json").write_text(json.dumps(nested))
+    (folder / "checkpoint-2" / "config.json").write_text(json.dumps(local))
+    changed = tu.scrub_local_paths(folder)
+    assert sorted(p.relative_to(folder).as_posix() for p in changed) == ["config.json", "unet/config.json"]
+    assert json.loads((folder / "unet" / "config.json").read_text()) == {"layers": 2}
+    assert json.loads((folder / "config.json").read_text()) == {
+        "text_config": {"hidden": 8},
+        "_name_or_path": "facebook/opt-125m",
+    }
+    assert json.loads((folder / "checkpoint-2" / "config.json").read_text()) == local  # checkpoints untouched
+    assert tu.scrub_local_paths(folder) == []

@@ -34,6 +34,7 @@ from transformers import (
 from storygptv import CharacterFuser, CharLDMPipeline
 from storygptv.data.synthsv import reference_images, sample_story
 from storygptv.testing.tokenizers import build_bpe_tokenizer
+from storygptv.training_utils import scrub_local_paths
 
 HERE = Path(__file__).parent
 DEFAULT_CONFIG = HERE / "configs" / "synthsv_small" / "pipeline.json"
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> Path:
     pipe = build(config, vae, seed=args.seed)
     out = Path(args.output_dir)
     pipe.save_pretrained(out)
+    scrub_local_paths(out)
     write_reference_images(out / "characters", size=config["image_encoder"]["image_size"])
     params = {
         name: sum(p.numel() for p in m.parameters())

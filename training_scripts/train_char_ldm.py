@@ -65,6 +65,7 @@ from storygptv.training_utils import (
     progress_bar,
     push_output_to_hub,
     resume_training,
+    scrub_local_paths,
     seed_micro_step,
     setup_logging,
     training_arg_parser,
@@ -587,6 +588,7 @@ def export_pipeline(
         module.eval()
     final = _inference_pipeline(pipe, unwrapped)
     final.save_pretrained(args.output_dir, safe_serialization=True)
+    scrub_local_paths(args.output_dir)
     return final
 
 

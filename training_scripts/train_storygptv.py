@@ -949,11 +949,13 @@ def export(
     if args.save_story_model_only:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        tu.scrub_local_paths(output_dir)
         _story_model_card(args, output_dir, repo_id, base_lm, dataset, hyper, metrics)
         return
     char_ldm = CharLDMPipeline.from_pretrained(args.pretrained_model_name_or_path)
     pipe = StoryGPTVPipeline(**char_ldm.components, story_model=model, story_tokenizer=tokenizer)
     pipe.save_pretrained(output_dir)
+    tu.scrub_local_paths(output_dir)
     tu.write_model_card(
         output_dir,
         "storygptv",

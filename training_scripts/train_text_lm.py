@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> Path:
         final.config.use_cache = True
         final.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        tu.scrub_local_paths(output_dir)
         write_text_lm_card(args, output_dir, final)
         summary = {
             "global_step": global_step,

@@ -54,6 +54,7 @@ from storygptv.training_utils import (
     progress_bar,
     push_output_to_hub,
     resume_training,
+    scrub_local_paths,
     seed_micro_step,
     setup_logging,
     training_arg_parser,
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["metrics"] = metrics
         _save_grid(val_pixels[:8], recons[:8], Path(args.output_dir) / "validation" / "reconstructions.png")
         unwrapped.save_pretrained(args.output_dir, safe_serialization=True)
+        scrub_local_paths(args.output_dir)
         write_model_card(
             args.output_dir,
             "vae",

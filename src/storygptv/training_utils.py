@@ -935,6 +935,49 @@ def push_folder_to_hub(
     return str(getattr(info, "commit_url", info))
 
 
+def _is_local_path(value: str) -> bool:
+    return bool(value) and (os.path.isabs(value) or value.startswith((".", "~")) or os.path.exists(value))
+
+
+def _without_local_paths(value: Any) -> tuple[Any, bool]:
+    if isinstance(value, dict):
+        changed = False
+        out = {}
+        for key, item in value.items():
+            if key in ("_name_or_path", "name_or_path") and isinstance(item, str) and _is_local_path(item):
+                changed = True
+                continue
+            out[key], sub = _without_local_paths(item)
+            changed |= sub
+        return out, changed
+    if isinstance(value, list):
+        items = [_without_local_paths(item) for item in value]
+        return [item for item, _ in items], any(sub for _, sub in items)
+    return value, False
+
+
+def scrub_local_paths(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``_name_or_path`` entries that name a folder of the training machine from an exported model.
+
+    diffusers and transformers record where each component was loaded from; in a folder meant for the Hub
+    (or a package) that is a path of the training machine, meaningless elsewhere. Hub ids are kept.
+    Checkpoint folders are left alone. Returns the JSON files that changed.
+    """
+    changed = []
+    for path in sorted(Path(folder).rglob("*.json")):
+        if any(part.startswith("checkpoint-") for part in path.relative_to(folder).parts):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        clean, dirty = _without_local_paths(data)
+        if dirty:
+            path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
 def card_dataset_name(args: argparse.Namespace) -> str:
     """The training data as model cards name it: ``--dataset``, marked when ``--train_dataset_path`` gave a
     custom copy."""
