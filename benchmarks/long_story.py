@@ -7,9 +7,14 @@ frames 1..N, the wall time, the peak memory during the frame (CPU: peak RSS, res
 ratio of the mean time of the last 10 frames to that of the first 10 (frame 1, which has no LLM call,
 is excluded from the first 10).
 
+With ``--max-context-tokens`` the story outgrows the LLM's token budget: a block of the oldest frames is then
+dropped at once (down to half the budget) and the cache rebuilt once per block, so per-frame cost stays flat
+past the budget too; the number of rebuilds is printed.
+
 Usage:
     python benchmarks/long_story.py --frames 100                    # tiny components, whole story
     python benchmarks/long_story.py --frames 100 --context-window 8
+    python benchmarks/long_story.py --frames 500 --max-context-tokens 1024   # a story that overflows
     python benchmarks/long_story.py --model path/to/pipeline --device cuda --dtype float16
 """
 
@@ -49,6 +54,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per frame")
     parser.add_argument("--context-window", type=int, default=None)
     parser.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=None,
+        help="LLM token budget of the story (default: the model's)",
+    )
+    parser.add_argument(
         "--model", default=None, help="a pipeline folder or Hub id (default: tiny components)"
     )
     parser.add_argument("--device", default="cpu")
@@ -69,6 +80,8 @@ def main() -> None:
             pipe = pipe.to(dtype=dtype)
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    if args.max_context_tokens is not None:
+        pipe.story_model.config.max_context_tokens = args.max_context_tokens
     cuda = args.device.startswith("cuda")
 
     pattern = [
@@ -119,7 +132,8 @@ def main() -> None:
 
     unit = "peak CUDA MiB" if cuda else "peak RSS MiB"
     print(
-        f"frames={args.frames} steps={args.steps} context_window={args.context_window} device={args.device} dtype={args.dtype}"
+        f"frames={args.frames} steps={args.steps} context_window={args.context_window} "
+        f"budget={pipe.story_model.config.context_token_budget} device={args.device} dtype={args.dtype}"
     )
     print(f"{'frame':>5} {'ms':>9} {unit:>14} {'LLM tokens':>10}")
     for index, (t, peak, n) in enumerate(zip(times, peaks, tokens), start=1):
@@ -130,6 +144,14 @@ def main() -> None:
             f"mean ms frames 2-11: {first * 1000:.1f}; last 10: {last * 1000:.1f}; ratio last/first = {last / first:.3f}"
         )
         print(f"peak memory frame 2: {peaks[1]:.1f} MiB; last frame: {peaks[-1]:.1f} MiB")
+        print(
+            f"LLM tokens per frame, frames 2-11: {statistics.mean(tokens[1:11]):.0f}; last 10: "
+            f"{statistics.mean(tokens[-10:]):.0f}"
+        )
+    state = pipe.story_state
+    print(
+        f"frames dropped from the context: {state.num_frames_dropped}; cache rebuilds: {state.num_rebuilds}"
+    )
 
 
 if __name__ == "__main__":

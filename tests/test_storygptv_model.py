@@ -378,14 +378,35 @@ def test_budget_truncation_warns_and_drops_oldest():
             model.append_frame(state, embeds[t], caps[t])
             assert state.cache_length <= 150
     budget_warnings = [w for w in record if "budget" in str(w.message)]
-    assert budget_warnings and "dropping" in str(budget_warnings[0].message)
-    assert all(w.filename == __file__ for w in budget_warnings)  # points at the caller
+    assert len(budget_warnings) == 1 and "dropping" in str(budget_warnings[0].message)  # once per story
+    assert budget_warnings[0].filename == __file__  # points at the caller
     assert state.num_frames_dropped > 0 and state.frames[-1].index == 7
     with pytest.warns(UserWarning) as record:
         cond = model.next_frame_conditioning(
             state, encode_caption(tok, " ".join(["Fred is in the yard."] * 40))
         )
     assert any("truncated" in str(w.message) for w in record) and cond.shape == (1, 77, 32)
+
+
+def test_budget_overflow_rebuilds_once_per_block_of_frames():
+    model, tok = tiny_story_model(max_context_tokens=150)
+    caps, embeds = _frames(tok, 40)
+    state = model.start_story()
+    rebuilt = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for t in range(40):
+            before = state.num_rebuilds
+            model.next_frame_conditioning(state, caps[t])
+            model.append_frame(state, embeds[t], caps[t])
+            rebuilt.append(state.num_rebuilds > before)
+            assert state.cache_length <= 150
+    assert sum("budget" in str(w.message) for w in record) == 1
+    # A block of old frames leaves at once (down to half the budget), so the cache is never rebuilt on two
+    # frames in a row; the old policy (drop just enough) rebuilt on every frame once the story was full.
+    assert 3 <= sum(rebuilt) <= 40 // 3
+    assert not any(a and b for a, b in zip(rebuilt, rebuilt[1:]))
+    assert state.num_frames_dropped + len(state.frames) == 40
 
 
 def test_batched_story_and_text_captions():

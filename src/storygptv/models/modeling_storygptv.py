@@ -178,6 +178,7 @@ class StoryState:
         cache_length: tokens in ``cache``.
         num_frames_committed: frames appended so far (including those since dropped).
         num_frames_dropped: frames that left the context (window or token budget).
+        budget_warned: whether the token-budget overflow warning was given (once per story).
         num_rebuilds: times the cache was rebuilt from the retained frames.
         llm_tokens_total: tokens the LLM has processed for this story (all calls, rebuilds included).
         llm_tokens_per_frame: tokens the LLM processed for each committed frame: the frame's own
@@ -198,6 +199,7 @@ class StoryState:
     llm_tokens_total: int = 0
     llm_tokens_per_frame: list[int] = field(default_factory=list)
     last_call_tokens: int = 0
+    budget_warned: bool = False
     _pending_tokens: int = 0
 
     def _count(self, n: int) -> None:
@@ -887,13 +889,19 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
     def _trim_to_budget(
         self, state: StoryState, frames: list[StoryFrame], extra_tokens: int, what: str
     ) -> list[StoryFrame]:
-        """Drop the oldest of ``frames`` (with a warning) until BOS + frames + ``extra_tokens`` fit the budget."""
+        """The newest of ``frames`` that fit the token budget together with BOS and ``extra_tokens``.
+
+        When they do not fit, a whole block of the oldest frames is dropped at once, down to half the budget:
+        the caller then rebuilds the cache once for that block instead of on every following frame (a story
+        that outgrows the budget costs one rebuild per half-budget of frames, not one per frame). The first
+        overflow of a story warns; later ones are counted in ``state.num_frames_dropped``.
+        """
         budget = self.config.context_token_budget
         total = len(state.tokens.bos_ids) + sum(f.num_tokens(state.tokens) for f in frames)
         if budget is None or total + extra_tokens <= budget:
             return frames
         kept = list(frames)
-        while kept and total + extra_tokens > budget:
+        while kept and total + extra_tokens > budget // 2:
             total -= kept.pop(0).num_tokens(state.tokens)
         if total + extra_tokens > budget:
             raise ValueError(
@@ -901,11 +909,15 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
                 "empty context."
             )
         dropped = len(frames) - len(kept)
-        warnings.warn(
-            f"Story context exceeds the LLM budget of {budget} tokens (max_context_tokens): dropping the "
-            f"{dropped} oldest frame(s) and rebuilding the cache ({len(kept)} frame(s) kept).",
-            stacklevel=_caller_stacklevel(),
-        )
+        if not state.budget_warned:
+            warnings.warn(
+                f"Story context exceeds the LLM budget of {budget} tokens (max_context_tokens): dropping the "
+                f"{dropped} oldest frame(s) and rebuilding the cache ({len(kept)} frame(s) kept). From now on, "
+                "each time the context fills up the oldest frames are dropped down to half the budget (no "
+                "further warning; see `num_frames_dropped`).",
+                stacklevel=_caller_stacklevel(),
+            )
+            state.budget_warned = True
         state.num_frames_dropped += dropped
         return kept
 
