@@ -29,7 +29,8 @@ def run(pipe, prompt=PROMPT, seed=0, **kwargs):
     kwargs.setdefault("characters", CAST)
     kwargs.setdefault("num_inference_steps", 3)
     kwargs.setdefault("output_type", "np")
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+    return pipe(prompt, **kwargs)
 
 
 def test_output_types_and_shapes(pipe):
@@ -154,10 +155,16 @@ def test_dtype_argument(tmp_path, pipe):
         ({"characters": {"Fred": "/no/such/file.png"}}, ValueError, "could not be read"),
         ({"height": 31}, ValueError, "divisible by the VAE scale factor 2"),
         ({"width": 33}, ValueError, "divisible by the VAE scale factor 2"),
-        ({"guidance_scale": -1.0}, ValueError, "`guidance_scale` must be >= 0"),
+        ({"guidance_scale": -1.0}, ValueError, "`guidance_scale` must be a finite number >= 0"),
         ({"num_inference_steps": 0}, ValueError, "`num_inference_steps` must be an integer >= 1"),
         ({"output_type": "jpg"}, ValueError, "`output_type`"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, ValueError, "callback_on_step_end_tensor_inputs"),
+        ({"guidance_scale": float("nan")}, ValueError, "finite"),
+        ({"guidance_scale": float("inf")}, ValueError, "finite"),
+        ({"height": -32}, ValueError, "`height` must be a positive integer"),
+        ({"width": 32.0}, ValueError, "`width` must be a positive integer"),
+        ({"generator": 0}, TypeError, "`generator` must be a torch.Generator"),
+        ({"callback_on_step_end": lambda *a: None}, TypeError, "must return a dict"),
     ],
 )
 def test_bad_input_errors(pipe, kwargs, error, match):
@@ -177,3 +184,18 @@ def test_model_cpu_offload_order_lists_components(pipe):
     names = pipe.model_cpu_offload_seq.split("->")
     assert names == ["text_encoder", "image_encoder", "fuser", "unet", "vae"]
     assert all(name in pipe.components for name in names)
+
+
+def test_merge_step_past_the_last_step_warns(pipe):
+    with pytest.warns(UserWarning, match="never used") as record:
+        run(pipe, start_merge_step=3)  # run() uses 3 steps
+    assert any(w.filename == __file__ for w in record)
+
+
+def test_names_past_the_token_limit_or_max_characters_warn(pipe):
+    refs = {"Fred": np.zeros((8, 8, 3), np.uint8), "Barney": np.zeros((8, 8, 3), np.uint8)}
+    long_caption = "The yard is " + "very " * 80 + "quiet, and Fred is there."
+    with pytest.warns(UserWarning, match="token limit"):
+        pipe.encode_fused(long_caption, refs)
+    with pytest.warns(UserWarning, match="max_characters=1"):
+        pipe.encode_fused("Fred and Barney.", refs, max_characters=1)

@@ -32,7 +32,8 @@ def run(pipe, captions=STORY, seed=0, **kwargs):
     kwargs.setdefault("characters", CAST)
     kwargs.setdefault("num_inference_steps", 2)
     kwargs.setdefault("output_type", "np")
-    return pipe(captions, generator=torch.Generator().manual_seed(seed), **kwargs)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+    return pipe(captions, **kwargs)
 
 
 def test_one_image_per_caption_and_output_types(pipe):
@@ -206,11 +207,32 @@ def test_budget_overflow_warns_and_keeps_recent_frames(components):
         (STORY, {"context_window": 0}, ValueError, "`context_window` must be None"),
         (STORY, {"characters": {"Fred": "/missing/fred.png"}}, ValueError, "could not be read"),
         (STORY, {"characters": [CAST]}, TypeError, "story's cast"),
+        (STORY, {"context_window": True}, ValueError, "`context_window` must be None"),
+        (STORY, {"guidance_scale": float("nan")}, ValueError, "finite"),
+        (STORY, {"height": 0}, ValueError, "`height` must be a positive integer"),
+        (STORY, {"generator": 42}, TypeError, "torch.Generator"),
+        (STORY, {"generator": [torch.Generator()]}, ValueError, "one per frame"),
+        (STORY, {"callback_on_step_end": lambda *a: 1}, TypeError, "must return a dict"),
     ],
 )
 def test_bad_input(pipe, captions, kwargs, error, match):
     with pytest.raises(error, match=match):
         run(pipe, captions, **kwargs)
+
+
+def test_story_warns_about_names_it_cannot_fuse(pipe):
+    long_caption = "The yard is " + "very " * 80 + "quiet, and Fred is there."
+    with pytest.warns(UserWarning, match="token limit"):
+        run(pipe, [long_caption], num_inference_steps=1)  # frame 1 warns as Char-LDM does
+    with pytest.warns(UserWarning, match="max_characters=1"):
+        run(
+            pipe,
+            ["Fred and Barney are here.", "Fred and Barney jump."],
+            max_characters=1,
+            num_inference_steps=1,
+        )
+    with pytest.warns(UserWarning, match="never used"):
+        run(pipe, STORY[:2], num_inference_steps=2, start_merge_step=2)
 
 
 def test_unused_character_warns(pipe):

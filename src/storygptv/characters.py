@@ -131,8 +131,24 @@ def locate_character_tokens(
     return resolved
 
 
-def warn_ignored_characters(caption: str, absent: list[str], dropped: list[str], max_characters: int) -> None:
-    """Warn about reference images that are not used for ``caption``."""
+def warn_ignored_characters(
+    caption: str,
+    absent: list[str],
+    dropped: list[str],
+    max_characters: int,
+    truncated: list[str] | None = None,
+) -> None:
+    """Warn about reference images that are not used for ``caption``.
+
+    ``absent``: not named (or beyond the token limit, when the caller cannot tell); ``dropped``: beyond
+    ``max_characters``; ``truncated``: named, but only after the text encoder's token limit.
+    """
+    if truncated:
+        warnings.warn(
+            f"Characters {truncated} are named in the caption {caption!r} only after the text encoder's token "
+            "limit, so they are cut off and not fused; shorten the caption or name them earlier.",
+            stacklevel=3,
+        )
     if absent:
         warnings.warn(
             f"Characters {absent} are not named in the caption {caption!r} (or fall beyond its token "

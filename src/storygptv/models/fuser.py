@@ -17,7 +17,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..characters import locate_character_tokens, normalize_characters, warn_ignored_characters
+from ..characters import (
+    find_character_mentions,
+    locate_character_tokens,
+    normalize_characters,
+    warn_ignored_characters,
+)
 
 __all__ = ["CharacterFuser", "FusedPromptOutput", "encode_fused_prompt", "preprocess_reference_images"]
 
@@ -201,6 +206,7 @@ def encode_fused_prompt(
     max_characters: int | None = None,
     device: torch.device | str | None = None,
     warn: bool = True,
+    warn_absent: bool = True,
 ) -> FusedPromptOutput:
     """Encode captions with the reference images of the characters they name fused in (Char-LDM).
 
@@ -220,6 +226,10 @@ def encode_fused_prompt(
         feature_extractor: the CLIP image processor for the reference images (optional).
         max_characters: defaults to ``fuser.config.max_characters``.
         device: where to run; defaults to the text encoder's device.
+        warn: warn about reference images that are not fused.
+        warn_absent: with ``warn``, also warn about characters a caption does not name (set it to False for a
+            story's shared cast, where most captions name only some of it); characters named beyond the token
+            limit or beyond ``max_characters`` always warn.
 
     Returns:
         A :class:`FusedPromptOutput`.
@@ -256,15 +266,19 @@ def encode_fused_prompt(
     for row, (text, refs) in enumerate(zip(prompts, per_prompt)):
         mentions = locate_character_tokens(text, refs.keys(), tokenizer) if refs else []
         kept, dropped = mentions[:max_characters], mentions[max_characters:]
-        if warn and dropped:
-            warn_ignored_characters(text, [], [m.name for m in dropped], max_characters)
         found = {m.name for m in mentions}
+        if warn:
+            named = [m.name for m in find_character_mentions(text, refs.keys())] if refs else []
+            truncated = [name for name in named if name not in found]
+            if dropped or truncated:
+                warn_ignored_characters(text, [], [m.name for m in dropped], max_characters, truncated)
+            found |= set(truncated)  # warned about already
         unmatched.append([name for name in refs if name not in found])
         names.append([m.name for m in kept])
         for slot, mention in enumerate(kept):
             token_indices[row, slot] = mention.token_index
             slot_images.append((row, slot, refs[mention.name]))
-    if warn:
+    if warn and warn_absent:
         if isinstance(characters, Mapping):
             # One dict shared by every caption (e.g. a story's cast): a name is only worth a warning
             # when no caption mentions it.

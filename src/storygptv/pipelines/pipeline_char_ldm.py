@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +132,7 @@ class CharLDMPipeline(DiffusionPipeline):
         max_characters: int | None = None,
         device: torch.device | None = None,
         warn: bool = True,
+        warn_absent: bool = True,
     ) -> FusedPromptOutput:
         """Fused and plain caption embeddings of ``prompt`` (see :func:`storygptv.encode_fused_prompt`)."""
         return encode_fused_prompt(
@@ -142,6 +146,7 @@ class CharLDMPipeline(DiffusionPipeline):
             max_characters=max_characters,
             device=device or self._execution_device,
             warn=warn,
+            warn_absent=warn_absent,
         )
 
     def encode_prompt(
@@ -198,6 +203,9 @@ class CharLDMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None,
     ) -> None:
         factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer number of pixels, got {value!r}.")
         if height % factor != 0 or width % factor != 0:
             raise ValueError(
                 f"`height` and `width` must be divisible by the VAE scale factor {factor}, got "
@@ -205,12 +213,28 @@ class CharLDMPipeline(DiffusionPipeline):
             )
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if guidance_scale < 0:
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, numbers.Real)
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
             raise ValueError(
-                f"`guidance_scale` must be >= 0, got {guidance_scale}; use 0 or 1 to disable guidance."
+                f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}; use 0 or 1 to disable "
+                "guidance."
             )
-        if start_merge_step is not None and start_merge_step < 0:
-            raise ValueError(f"`start_merge_step` must be >= 0 (or None), got {start_merge_step}.")
+        if start_merge_step is not None:
+            if isinstance(start_merge_step, bool) or not isinstance(start_merge_step, numbers.Integral):
+                raise ValueError(f"`start_merge_step` must be an integer or None, got {start_merge_step!r}.")
+            if start_merge_step < 0:
+                raise ValueError(f"`start_merge_step` must be >= 0 (or None), got {start_merge_step}.")
+            if start_merge_step >= num_inference_steps:
+                warnings.warn(
+                    f"`start_merge_step` ({start_merge_step}) >= `num_inference_steps` ({num_inference_steps}): "
+                    "every step uses the plain caption embedding, so the fused (character / story) conditioning "
+                    "is never used. Pass a smaller `start_merge_step` (None: half the steps).",
+                    stacklevel=5,  # check_inputs < prepare_call < __call__ < no_grad wrapper < the caller
+                )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(
                 f"`output_type` must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}."
@@ -243,8 +267,10 @@ class CharLDMPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height is None:
+            height = self.unet.config.sample_size * self.vae_scale_factor
+        if width is None:
+            width = self.unet.config.sample_size * self.vae_scale_factor
         if start_merge_step is None:
             start_merge_step = num_inference_steps // 2
         self.check_inputs(
@@ -260,6 +286,22 @@ class CharLDMPipeline(DiffusionPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         return height, width, start_merge_step, callback_on_step_end_tensor_inputs
+
+    @staticmethod
+    def check_generator(generator: Any, count: int | None = None, what: str = "images") -> None:
+        """``generator`` must be None, a ``torch.Generator`` or a list of them (``count`` long when given)."""
+        items = generator if isinstance(generator, list) else [generator]
+        for item in items:
+            if item is not None and not isinstance(item, torch.Generator):
+                raise TypeError(
+                    f"`generator` must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of "
+                    f"them, or None; got {type(item).__name__}."
+                )
+        if isinstance(generator, list) and count is not None and len(generator) != count:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators for {count} {what}; pass one per "
+                f"{what[:-1]}, or a single generator."
+            )
 
     @staticmethod
     def _as_prompt_list(prompt: str | list[str] | None, name: str = "prompt") -> list[str]:
@@ -363,6 +405,11 @@ class CharLDMPipeline(DiffusionPipeline):
                     for name in callback_on_step_end_tensor_inputs or []:
                         callback_kwargs[name] = step_locals[name]
                     outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    if not isinstance(outputs, dict):
+                        raise TypeError(
+                            f"`callback_on_step_end` must return a dict (e.g. the `callback_kwargs` it was given), "
+                            f"got {type(outputs).__name__} at step {i}."
+                        )
                     latents = outputs.pop("latents", latents)
                     if "prompt_embeds" in outputs:  # replaces the conditioning of the current phase
                         if i < start_merge_step:
@@ -449,6 +496,7 @@ class CharLDMPipeline(DiffusionPipeline):
         )
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
+        self.check_generator(generator)
         device = self._execution_device
 
         if prompt_embeds is None:

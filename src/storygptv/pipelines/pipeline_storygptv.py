@@ -165,7 +165,9 @@ class StoryGPTVPipeline(CharLDMPipeline):
                 "`captions` is a single string; pass the story as a list of captions, one per frame."
             )
         captions = self._as_prompt_list(captions, name="captions")
-        if context_window is not None and (not isinstance(context_window, int) or context_window < 1):
+        if context_window is not None and (
+            isinstance(context_window, bool) or not isinstance(context_window, int) or context_window < 1
+        ):
             raise ValueError(
                 f"`context_window` must be None (the whole story) or an integer >= 1, got {context_window!r}."
             )
@@ -246,11 +248,7 @@ class StoryGPTVPipeline(CharLDMPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
-        if isinstance(generator, list) and len(generator) != len(captions):
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators for {len(captions)} frames; pass one per "
-                "frame, or a single generator."
-            )
+        self.check_generator(generator, len(captions), "frames")
         if characters is not None and not isinstance(characters, Mapping):
             raise TypeError(
                 f"`characters` has type {type(characters).__name__}; pass a dict {{name: reference image}} "
@@ -303,7 +301,11 @@ class StoryGPTVPipeline(CharLDMPipeline):
             drawn = caption
             if grounding == "fuse" and reading is not None:
                 drawn = ground_caption(caption, predicted or [], predicted_setting, known_settings)
-            encoded = self.encode_fused(drawn, cast, max_characters=max_characters, device=device, warn=False)
+            # Characters a caption names past the token limit or past `max_characters` warn, as in Char-LDM;
+            # cast members a frame does not name are normal in a story and do not.
+            encoded = self.encode_fused(
+                drawn, cast, max_characters=max_characters, device=device, warn=True, warn_absent=False
+            )
             if reading is None:
                 conditioning, merge_step = encoded.prompt_embeds, start_merge_step
             else:
