@@ -219,7 +219,10 @@ def test_scrub_local_paths_keeps_hub_ids(tmp_path):
     (folder / "unet").mkdir(parents=True)
     (folder / "checkpoint-2").mkdir()
     local = {"_name_or_path": str(tmp_path / "runs" / "unet"), "layers": 2}
-    nested = {"text_config": {"_name_or_path": "./runs/lm", "hidden": 8}, "_name_or_path": "facebook/opt-125m"}
+    nested = {
+        "text_config": {"_name_or_path": "./runs/lm", "hidden": 8},
+        "_name_or_path": "facebook/opt-125m",
+    }
     (folder / "unet" / "config.json").write_text(json.dumps(local))
     (folder / "config.json").write_text(json.dumps(nested))
     (folder / "checkpoint-2" / "config.json").write_text(json.dumps(local))
