@@ -165,6 +165,25 @@ def _png_with_size(path, width, height):
     path.write_bytes(bytes(data))
 
 
+def _write_png16(path, pixels):
+    """A 16-bit RGB PNG of ``pixels`` ((H, W, 3) big-endian uint16)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
 def _pixel(image):
     return load_character_image(image, name="Fred").getpixel((0, 0))
 
@@ -197,6 +216,9 @@ def test_image_files_mean_what_they_show(tmp_path):
     PIL.Image.fromarray(np.full((3, 3), 65535 // 4, np.uint16)).save(gray16)
     assert PIL.Image.open(gray16).mode == "I;16"
     assert _pixel(gray16) == (64, 64, 64)  # not white
+    rgb48 = tmp_path / "rgb48.png"  # 16 bits per channel (Pillow cannot write it: raw PNG chunks)
+    _write_png16(rgb48, np.full((2, 2, 3), (65535, 32896, 257), dtype=">u2"))
+    assert _pixel(rgb48) == (255, 128, 1)
     rgba = tmp_path / "rgba.png"
     PIL.Image.new("RGBA", (3, 3), (255, 0, 0, 0)).save(rgba)
     assert _pixel(rgba) == (255, 255, 255)

@@ -297,6 +297,18 @@ def test_latest_falls_back_over_broken_checkpoints(tmp_path):
         assert tu.find_resume_checkpoint(args) is None
 
 
+def test_checkpoints_of_an_older_version_need_their_optimizer_state(tmp_path):
+    args = _args(tmp_path, "--report_to", "none")
+    accelerator, model = _prepared(args)
+    path = tu.Path(tu.save_checkpoint(accelerator, args, 1))
+    state = json.loads((path / tu.TRAINING_STATE_FILE).read_text())
+    legacy = {"global_step": state["global_step"]}  # what the older save_checkpoint wrote
+    (path / tu.TRAINING_STATE_FILE).write_text(json.dumps(legacy))
+    assert tu.checkpoint_problem(path) is None
+    (path / "optimizer.bin").unlink()
+    assert tu.checkpoint_problem(path) == "it has no optimizer state (optimizer*.bin)"
+
+
 def test_a_checkpoint_that_fails_to_load_is_a_clear_error(tmp_path):
     args = _args(tmp_path, "--report_to", "none")
     accelerator, model = _prepared(args)

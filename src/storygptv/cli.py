@@ -240,7 +240,6 @@ def generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .loading import ModelLoadingError
     from .pipelines.pipeline_storygptv import StoryGPTVPipeline
     from .storyboard import make_storyboard
 
@@ -252,8 +251,8 @@ def generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         pipe = StoryGPTVPipeline.from_pretrained(model, dtype=dtype).to(device)
-    except ModelLoadingError as error:
-        raise SystemExit(f"error: --model {model!r}: {error}") from error
+    except OSError as error:  # ModelLoadingError (a local folder), or a Hub id that cannot be fetched
+        raise SystemExit(f"error: --model {model!r} could not be loaded: {error}") from error
     for path in earlier_story:  # --overwrite: the earlier story goes only once the new one can start
         path.unlink()
 

@@ -542,8 +542,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why checkpoint folder ``path`` cannot be resumed from, or ``None`` when it is complete.
 
     Complete: ``training_state.json`` (written last) is readable and records ``global_step``; every file
-    it lists has its recorded size (a missing optimizer state or a truncated file is caught); every
-    safetensors file has a valid header that covers the file.
+    it lists has its recorded size (a missing optimizer state or a truncated file is caught; a checkpoint
+    of an older version, without that list, needs an optimizer state); every safetensors file has a valid
+    header that covers the file.
     """
     path = Path(path)
     try:
@@ -554,6 +555,10 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return f"it has no {TRAINING_STATE_FILE} (the save did not finish)"
     if not isinstance(state.get("global_step"), int):
         return f"its {TRAINING_STATE_FILE} records no global_step"
+    if _FILES_KEY not in state and any(path.glob("random_states_*.pkl")) and not _has_optimizer_state(path):
+        return (
+            "it has no optimizer state (optimizer*.bin)"  # an older version's checkpoint, without file list
+        )
     for name, size in dict(state.get(_FILES_KEY) or {}).items():
         file = path / name
         if not file.is_file():
@@ -565,6 +570,11 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         if problem:
             return f"{file.relative_to(path).as_posix()} {problem}"
     return None
+
+
+def _has_optimizer_state(path: Path) -> bool:
+    """Whether an accelerate state folder holds optimizer state (plain, FSDP ``optimizer_0`` or DeepSpeed)."""
+    return any(path.glob("optimizer*")) or any(path.rglob("*optim_states*"))
 
 
 def _newest_complete(folder: Path) -> tuple[Path | None, list[str]]:
