@@ -233,9 +233,9 @@ def generate(args: argparse.Namespace) -> int:
     if not characters and folder is not None and (folder / "characters").is_dir():
         # Pipelines may ship reference images for their cast (the embedded default does).
         characters = read_character_dir(folder / "characters")
+    device = check_device(args.device)
     out = Path(args.out)
     earlier_story = prepare_output(out, args.overwrite)
-    device = check_device(args.device)
     cast = load_cast(characters, captions)
 
     import torch
