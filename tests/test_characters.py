@@ -149,3 +149,109 @@ def test_slow_tokenizer_is_a_clear_error():
 
     with pytest.raises(TypeError, match="needs a fast tokenizer"):
         find_character_tokens("Fred is here.", ["Fred"], SlowTokenizer())
+
+
+# ------------------------------------------------------------------ reference images mean what they show
+def _png_with_size(path, width, height):
+    """A valid 1x1 PNG whose header claims ``width`` x ``height`` (Pillow reads the size from the header)."""
+    import struct
+    import zlib
+
+    PIL.Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IHDR")
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
+    path.write_bytes(bytes(data))
+
+
+def _write_png16(path, pixels):
+    """A 16-bit RGB PNG of ``pixels`` ((H, W, 3) big-endian uint16)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _pixel(image):
+    return load_character_image(image, name="Fred").getpixel((0, 0))
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (np.full((2, 2, 3), (255, 0, 0), np.uint8), (255, 0, 0)),
+        (np.full((2, 2, 3), (65535, 32896, 0), np.uint16), (255, 128, 0)),  # scaled by the 16-bit range
+        (np.full((2, 2), 200, np.int64), (200, 200, 200)),  # integers in 0-255 are 8-bit
+        (np.full((2, 2, 3), (1.0, 0.5, 0.0), np.float32), (255, 128, 0)),
+        (np.full((2, 2, 4), (255, 0, 0, 0), np.uint8), (255, 255, 255)),  # transparent: white, not red
+        (np.full((2, 2, 4), (255, 0, 0, 255), np.uint8), (255, 0, 0)),
+        (np.full((2, 2, 4), (0, 0, 0, 128), np.uint8), (127, 127, 127)),  # half black over white
+        (PIL.Image.new("RGBA", (2, 2), (0, 0, 255, 0)), (255, 255, 255)),
+        (PIL.Image.new("LA", (2, 2), (0, 0)), (255, 255, 255)),
+        (PIL.Image.fromarray(np.full((2, 2), 32896, np.uint16)), (128, 128, 128)),  # mode I;16
+        (PIL.Image.fromarray(np.full((2, 2), 32896, np.uint16)).convert("I"), (128, 128, 128)),
+        (PIL.Image.fromarray(np.full((2, 2), 0.25, np.float32)), (64, 64, 64)),  # mode F
+        (torch.full((3, 2, 2), 0.5), (128, 128, 128)),
+        (torch.full((3, 2, 2), 7, dtype=torch.uint8), (7, 7, 7)),
+    ],
+)
+def test_reference_pixels_mean_what_they_show(image, expected):
+    assert _pixel(image) == expected
+
+
+def test_image_files_mean_what_they_show(tmp_path):
+    gray16 = tmp_path / "gray16.png"
+    PIL.Image.fromarray(np.full((3, 3), 65535 // 4, np.uint16)).save(gray16)
+    assert PIL.Image.open(gray16).mode == "I;16"
+    assert _pixel(gray16) == (64, 64, 64)  # not white
+    rgb48 = tmp_path / "rgb48.png"  # 16 bits per channel (Pillow cannot write it: raw PNG chunks)
+    _write_png16(rgb48, np.full((2, 2, 3), (65535, 32896, 257), dtype=">u2"))
+    assert _pixel(rgb48) == (255, 128, 1)
+    rgba = tmp_path / "rgba.png"
+    PIL.Image.new("RGBA", (3, 3), (255, 0, 0, 0)).save(rgba)
+    assert _pixel(rgba) == (255, 255, 255)
+    palette = PIL.Image.new("P", (3, 3), 0)
+    palette.putpalette([10, 20, 30] * 256)
+    palette.info["transparency"] = 0
+    path = tmp_path / "palette.png"
+    palette.save(path, transparency=0)
+    assert _pixel(path) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.full((2, 2, 3), 255.0, np.float32), r"'Fred'.*float image with values from 255 to 255.*\[0, 1\]"),
+        (np.full((2, 2, 3), -0.5, np.float64), r"'Fred'.*float image"),
+        (np.full((2, 2, 3), np.nan, np.float32), r"'Fred'.*float image"),
+        (torch.full((3, 2, 2), 2.0), r"'Fred'.*float image"),
+        (np.full((2, 2, 3), 300, np.int32), r"'Fred'.*int32 array with values from 300 to 300"),
+        (np.zeros((0, 4, 3), np.uint8), r"'Fred'.*empty \(4x0 pixels\)"),
+        (PIL.Image.new("RGB", (0, 0)), r"'Fred'.*empty \(0x0 pixels\)"),
+    ],
+)
+def test_reference_images_that_would_be_wrong_are_errors(image, match):
+    with pytest.raises(ValueError, match=match):
+        load_character_image(image, name="Fred")
+
+
+@pytest.mark.parametrize(("width", "height"), [(100_000, 100_000), (10_000, 10_000)])
+def test_decompression_bombs_are_errors_naming_the_file(tmp_path, width, height):
+    path = tmp_path / "bomb.png"
+    _png_with_size(path, width, height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Pillow warning either: a clear error instead
+        with pytest.raises(ValueError, match=r"'Fred' in '.*bomb\.png' is .*(too large|10000x10000)"):
+            load_character_image(path, name="Fred")

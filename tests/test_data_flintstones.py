@@ -264,3 +264,39 @@ def test_mask_helpers_and_unreadable_mask_fallback(tmp_path):
     assert any("Unreadable mask" in str(w.message) for w in caught)
     seg = np.asarray(ds[0]["segmentation"][0])
     assert (seg[:, :16] == 1).all() and (seg[:, 16:] == 2).all()  # box masks (rows 0.. included)
+
+
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("storydalle", "following_cache4.pkl"),
+        ("storydalle", "labels.pkl"),
+        ("storygptv", "following_cache3.pkl"),
+        ("storygptv", "labels.pkl"),
+        ("storygptv", "labels_bg.pkl"),
+    ],
+)
+def test_code_in_a_release_file_is_refused_and_never_runs(tmp_path, layout, name):
+    from storygptv.data.safe_pickle import UnsafePickleError
+    from tests.fixtures.story_releases import poison
+
+    root, marker = tmp_path / "release", tmp_path / "marker"
+    (write_flintstones_storydalle if layout == "storydalle" else write_flintstones_storygptv)(root)
+    poison(root / name, marker)
+    with pytest.raises(UnsafePickleError, match=rf"{name}.*names the global io\.open"):
+        _load(root, tmp_path, split="test")
+    assert not marker.exists()
+
+
+def test_the_poisoned_fixture_really_runs_code_with_plain_pickle(tmp_path):
+    """Guards the test above: the payload is live, so only the restricted loader keeps it from running."""
+    import pickle
+
+    from tests.fixtures.story_releases import poison
+
+    root, marker = tmp_path / "release", tmp_path / "marker"
+    write_flintstones_storygptv(root)
+    poison(root / "labels.pkl", marker)
+    with open(root / "labels.pkl", "rb") as handle:
+        pickle.load(handle)
+    assert marker.exists()

@@ -124,3 +124,27 @@ def test_storygptv_layout(tmp_path):
         load_story_dataset("pororo", root, split="test", frames_per_story=5)
     with pytest.raises(ValueError, match="Unknown PororoSV layout"):
         load_story_dataset("pororo", root, layout="hdf5")
+
+
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("storygan", "descriptions.npy"),
+        ("storygan", "labels.npy"),
+        ("storygan", "train_seen_unseen_ids.npy"),
+        ("storygan", "img_cache4.npy"),
+        ("storygan", "following_cache4.npy"),
+        ("storygptv", "following_cache3.pkl"),
+        ("storygptv", "labels.pkl"),
+    ],
+)
+def test_code_in_a_release_file_is_refused_and_never_runs(tmp_path, layout, name):
+    from storygptv.data.safe_pickle import UnsafePickleError
+    from tests.fixtures.story_releases import poison, write_pororo_storygptv
+
+    root, marker = tmp_path / "release", tmp_path / "marker"
+    (write_pororo if layout == "storygan" else write_pororo_storygptv)(root)
+    poison(root / name, marker)
+    with pytest.raises(UnsafePickleError, match=rf"{name}.*names the global io\.open"):
+        load_story_dataset("pororo", root, split="test", cache_dir=str(tmp_path / "c"))
+    assert not marker.exists()

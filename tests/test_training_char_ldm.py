@@ -158,6 +158,22 @@ def test_resume_gives_the_same_weights(script, tiny_folder, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_reused_output_dir_and_changed_settings_are_refused(script, tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    args = _base_args(tiny_folder, out, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    script.main(args)
+    assert (out / "checkpoint-1").is_dir()
+    with pytest.raises(TrainingSetupError, match=r"already holds checkpoints.*--overwrite_output_dir"):
+        script.main(args)  # a second new run would mix its checkpoints with the first one's
+    with pytest.raises(TrainingSetupError, match=r"other settings: learning_rate: 0.001 in the checkpoint"):
+        script.main([*args, "--resume_from_checkpoint", "latest", "--learning_rate", "2e-3"])
+    result = script.main(
+        [*args, "--overwrite_output_dir", "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    )
+    assert result["global_step"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_loss_helpers_and_reg_gradient(script, tiny_folder):
     pipe = CharLDMPipeline.from_pretrained(tiny_folder)
     model = script.CharLDMTrainModel(pipe, ["down_blocks.1", "up_blocks.2"])

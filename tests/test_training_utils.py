@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -235,3 +236,122 @@ def test_scrub_local_paths_keeps_hub_ids(tmp_path):
     }
     assert json.loads((folder / "checkpoint-2" / "config.json").read_text()) == local  # checkpoints untouched
     assert tu.scrub_local_paths(folder) == []
+
+
+# ------------------------------------------------------------------------- checkpoints never lose or mix work
+def _prepared(args):
+    accelerator = tu.make_accelerator(args)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    args = _args(tmp_path, "--report_to", "none", "--checkpoints_total_limit", "1")
+    accelerator, model = _prepared(args)
+    first = tu.save_checkpoint(accelerator, args, 1)
+    real_save_state = accelerator.save_state
+
+    def disk_full(output_dir, **kwargs):
+        real_save_state(output_dir, **kwargs)  # some files are written, then the disk is full
+        (tu.Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tu.save_checkpoint(accelerator, args, 2)
+    assert [p.name for p in tu.list_checkpoints(args.output_dir)] == ["checkpoint-1"]
+    assert tu.checkpoint_problem(first) is None
+    args.resume_from_checkpoint = "latest"
+    assert tu.find_resume_checkpoint(args) == first
+    assert tu.load_checkpoint(accelerator, first)["global_step"] == 1
+    # The next successful save replaces the partial folder and only then prunes checkpoint-1.
+    monkeypatch.setattr(accelerator, "save_state", real_save_state)
+    second = tu.save_checkpoint(accelerator, args, 2)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoint-2"]
+    assert tu.find_resume_checkpoint(args) == second
+
+
+def test_latest_falls_back_over_broken_checkpoints(tmp_path):
+    args = _args(tmp_path, "--report_to", "none", "--resume_from_checkpoint", "latest")
+    accelerator, model = _prepared(args)
+    paths = [tu.Path(tu.save_checkpoint(accelerator, args, step)) for step in (1, 2, 3, 4)]
+    state = json.loads((paths[0] / tu.TRAINING_STATE_FILE).read_text())
+    assert {"model.safetensors", "optimizer.bin"} <= set(state["checkpoint_files"])
+    (paths[3] / tu.TRAINING_STATE_FILE).unlink()  # half-written
+    weights = paths[2] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated safetensors
+    (paths[1] / "optimizer.bin").unlink()  # missing optimizer state
+    with pytest.warns(UserWarning, match=r"checkpoint-4: it has no training_state.json.*checkpoint-3: "
+                      r"model.safetensors has \d+ bytes.*checkpoint-2: optimizer.bin is missing"):  # fmt: skip
+        assert tu.find_resume_checkpoint(args) == str(paths[0])
+    assert tu.load_checkpoint(accelerator, paths[0]) == {"global_step": 1}
+    shutil.rmtree(paths[0])
+    with pytest.raises(
+        tu.TrainingSetupError, match="no checkpoint in .* is complete.*--overwrite_output_dir"
+    ):
+        tu.find_resume_checkpoint(args)
+    args.overwrite_output_dir = True
+    with pytest.warns(UserWarning, match="starting a new run"):
+        assert tu.find_resume_checkpoint(args) is None
+
+
+def test_checkpoints_of_an_older_version_need_their_optimizer_state(tmp_path):
+    args = _args(tmp_path, "--report_to", "none")
+    accelerator, model = _prepared(args)
+    path = tu.Path(tu.save_checkpoint(accelerator, args, 1))
+    state = json.loads((path / tu.TRAINING_STATE_FILE).read_text())
+    legacy = {"global_step": state["global_step"]}  # what the older save_checkpoint wrote
+    (path / tu.TRAINING_STATE_FILE).write_text(json.dumps(legacy))
+    assert tu.checkpoint_problem(path) is None
+    (path / "optimizer.bin").unlink()
+    assert tu.checkpoint_problem(path) == "it has no optimizer state (optimizer*.bin)"
+
+
+def test_a_checkpoint_that_fails_to_load_is_a_clear_error(tmp_path):
+    args = _args(tmp_path, "--report_to", "none")
+    accelerator, model = _prepared(args)
+    path = tu.Path(tu.save_checkpoint(accelerator, args, 1))
+    optimizer_file = path / "optimizer.bin"
+    optimizer_file.write_bytes(b"\0" * optimizer_file.stat().st_size)  # same size, garbage content
+    with pytest.raises(tu.TrainingSetupError, match=r"checkpoint-1' could not be loaded.*previous one"):
+        tu.load_checkpoint(accelerator, path)
+
+
+def test_a_new_run_refuses_a_used_output_dir(tmp_path):
+    args = _args(tmp_path, "--report_to", "none")
+    accelerator, model = _prepared(args)
+    tu.save_checkpoint(accelerator, args, 5)
+    with pytest.raises(tu.TrainingSetupError, match=r"already holds checkpoints.*\(checkpoint-5\).*latest"):
+        tu.find_resume_checkpoint(args)
+    args.overwrite_output_dir = True
+    assert tu.find_resume_checkpoint(args) is None
+    sampler = tu.ResumableBatchSampler(4, 2)
+    assert tu.resume_training(accelerator, args, None, sampler) == 0
+    assert tu.list_checkpoints(args.output_dir) == []  # the old run's checkpoints can never be `latest`
+
+
+def test_changed_settings_are_refused_unless_allowed(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    args = _args(tmp_path, "--report_to", "none", "--data_dir", str(data), "--learning_rate", "1e-4")
+    accelerator, model = _prepared(args)
+    tu.save_checkpoint(accelerator, args, 1, settings=tu.run_settings(args, {"resolution": 32}))
+    saved = json.loads((tmp_path / "out" / "checkpoint-1" / tu.TRAINING_STATE_FILE).read_text())
+    assert saved["settings"]["learning_rate"] == 1e-4 and saved["settings"]["resolution"] == 32
+    assert saved["settings_fingerprint"] == tu.settings_fingerprint(saved["settings"])
+    same = _args(
+        tmp_path, "--data_dir", str(data), "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest"
+    )
+    assert tu.find_resume_checkpoint(same, tu.run_settings(same, {"resolution": 32})).endswith("checkpoint-1")
+    changed = _args(tmp_path, "--data_dir", str(data), "--seed", "3", "--resume_from_checkpoint", "latest")
+    with pytest.raises(tu.TrainingSetupError) as error:
+        tu.find_resume_checkpoint(changed, tu.run_settings(changed, {"resolution": 64}))
+    message = str(error.value)
+    assert "learning_rate: 0.0001 in the checkpoint, 1e-05 now" in message
+    assert "seed: 0 in the checkpoint, 3 now" in message and "resolution: 32" in message
+    assert "--allow_changed_settings" in message and "data_dir" not in message
+    changed.allow_changed_settings = True
+    with pytest.warns(UserWarning, match="changed settings"):
+        assert tu.find_resume_checkpoint(changed).endswith("checkpoint-1")

@@ -20,6 +20,7 @@ from .attention import (  # noqa: E402
 from .characters import CharacterMention, find_character_mentions, find_character_tokens  # noqa: E402
 from .data import load_story_dataset  # noqa: E402
 from .grounding import ground_caption  # noqa: E402
+from .loading import ModelLoadingError  # noqa: E402
 from .models import (  # noqa: E402
     CharacterFuser,
     FusedPromptOutput,
@@ -47,6 +48,7 @@ __all__ = [
     "CharacterFuser",
     "CharacterMention",
     "FusedPromptOutput",
+    "ModelLoadingError",
     "StoryGPTVConfig",
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",

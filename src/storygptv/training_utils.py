@@ -11,7 +11,8 @@ Stable API (imported by the stage-1 and stage-2 scripts):
 - :func:`make_accelerator`, :func:`init_trackers`, :func:`weight_dtype_for`;
 - :func:`make_optimizer`, :func:`make_lr_scheduler`, :func:`prepare_training`, :func:`optimizer_step`;
 - :func:`find_resume_checkpoint`, :func:`save_checkpoint`, :func:`load_checkpoint`,
-  :func:`resume_training`, :func:`end_of_step_checkpoint`;
+  :func:`resume_training`, :func:`end_of_step_checkpoint`, :func:`checkpoint_problem`,
+  :func:`run_settings`, :func:`settings_fingerprint`, :func:`check_resume_settings`;
 - :func:`make_batch_sampler`, :func:`make_train_dataloader`, :func:`next_batch`,
   :func:`seed_micro_step`, :func:`progress_bar`, :func:`add_running`, :func:`end_optimizer_step`,
   :func:`log_running_means`
@@ -25,6 +26,12 @@ Stable API (imported by the stage-1 and stage-2 scripts):
   :func:`push_output_to_hub`;
 - :func:`state_dict_hash`, :func:`dump_rank_hash` (for cross-rank and resume checks);
 - :func:`training_result`, :func:`finish_training` (the end of a stage-1 run).
+
+Checkpoint contract: a checkpoint is written to a hidden folder, completed (``training_state.json``
+last, with the size of every file and the run's settings) and renamed into place before old ones are
+pruned; ``latest`` takes the newest complete one; a new run refuses a folder of an earlier run's
+checkpoints (``--overwrite_output_dir``); a resume with other settings is refused
+(``--allow_changed_settings``).
 
 Determinism contract: the batch of micro-step ``i`` (data order, collator randomness, noise and
 timesteps) is a pure function of ``(seed, i, rank)``, so a run killed and restarted with
@@ -42,6 +49,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,16 +57,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .loading import safetensors_problem
+
 __all__ = [
     "DATASET_CHOICES",
     "IndexedBatchDataset",
     "ResumableBatchSampler",
+    "SETTINGS_KEYS",
     "TrainingSetupError",
     "add_common_args",
     "add_running",
     "card_dataset_name",
     "check_dataset_args",
     "check_pipeline_folder",
+    "check_resume_settings",
+    "checkpoint_problem",
     "derive_seed",
     "dump_rank_hash",
     "end_optimizer_step",
@@ -83,9 +96,11 @@ __all__ = [
     "push_folder_to_hub",
     "push_output_to_hub",
     "resume_training",
+    "run_settings",
     "save_checkpoint",
     "seed_micro_step",
     "seeded_collate",
+    "settings_fingerprint",
     "setup_logging",
     "state_dict_hash",
     "step_generator",
@@ -119,7 +134,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--train_dataset_path`` (hidden: a ``datasets.save_to_disk`` folder of stories), ``--output_dir``,
     ``--train_batch_size``, ``--gradient_accumulation_steps``, ``--learning_rate``, ``--adam_*``,
     ``--lr_scheduler``, ``--lr_warmup_steps``, ``--max_train_steps``, ``--mixed_precision``,
-    ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``, ``--seed``,
+    ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``,
+    ``--overwrite_output_dir``, ``--allow_changed_settings``, ``--seed``,
     ``--report_to``, ``--logging_dir``, ``--tracker_project_name``, ``--push_to_hub``,
     ``--hub_model_id``, ``--hub_token``, ``--hub_private``, ``--dataloader_num_workers``,
     ``--max_grad_norm``, ``--logging_steps``, ``--debug_dump_rank_hash`` (hidden).
@@ -169,8 +185,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='A checkpoint folder, or "latest" (the newest checkpoint-* in --output_dir; a fresh run when '
-        "there is none).",
+        help='A checkpoint folder, or "latest" (the newest complete checkpoint-* in --output_dir; a fresh run '
+        "when there is none).",
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds checkpoints of an earlier run (they are deleted).",
+    )
+    g.add_argument(
+        "--allow_changed_settings",
+        action="store_true",
+        help="Resume although seed, batch size, accumulation, learning rate, data or model differ from the "
+        "checkpoint's.",
     )
     g.add_argument("--seed", type=int, default=0, help="Seeds data order, noise and augmentation.")
     g.add_argument(
@@ -409,8 +436,31 @@ def optimizer_step(
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+#: Prefix of the hidden folder a checkpoint is written into; it is renamed ``checkpoint-<step>`` once complete.
+PARTIAL_CHECKPOINT_PREFIX = ".partial-checkpoint-"
+
+#: Options whose values determine a run's result; resuming with other values is refused
+#: (``--allow_changed_settings`` overrides). Scripts add their own with ``run_settings(args, extra)``.
+SETTINGS_KEYS: tuple[str, ...] = (
+    "seed",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "dataset",
+    "data_dir",
+    "num_stories",
+    "train_dataset_path",
+    "pretrained_model_name_or_path",
+)
+_PATH_SETTINGS = ("data_dir", "train_dataset_path", "pretrained_model_name_or_path")
+
+# Keys that save_checkpoint adds to training_state.json for itself (load_checkpoint leaves them out).
+_FILES_KEY, _SETTINGS_KEY, _FINGERPRINT_KEY = "checkpoint_files", "settings", "settings_fingerprint"
+_RESERVED_KEYS = (_FILES_KEY, _SETTINGS_KEY, _FINGERPRINT_KEY)
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """``checkpoint-<step>`` folders of ``output_dir``, oldest first."""
+    """``checkpoint-<step>`` folders of ``output_dir`` (complete or not), oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -420,81 +470,354 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return (path / TRAINING_STATE_FILE).exists() or any(path.glob("random_states_*.pkl"))
+def _step_of(path: Path) -> int:
+    match = _CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else -1
 
 
-def find_resume_checkpoint(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from, or ``None`` for a fresh run. Call it before any long work.
+def run_settings(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that determine a run's result: the :data:`SETTINGS_KEYS` of ``args``, plus ``extra``.
 
-    - ``--resume_from_checkpoint`` unset: ``None``.
-    - ``latest``: the newest ``checkpoint-*`` of ``--output_dir`` (``None`` with a log line when there
-      is none, as in the diffusers examples, so a restart loop can always pass ``latest``).
-    - a path: a checkpoint folder, or a folder holding ``checkpoint-*`` (the newest is used). A path that
-      does not exist or holds no checkpoint raises ``TrainingSetupError``.
+    Existing local paths are made absolute (the same folder named from another working directory is the
+    same setting), and values are JSON-normalised so that they compare equal to the ones read back from
+    a checkpoint. A script adds its own keys with ``extra`` (e.g. ``{"resolution": args.resolution}``) and
+    passes the result to :func:`find_resume_checkpoint`, :func:`resume_training` and :func:`save_checkpoint`.
     """
-    value = getattr(args, "resume_from_checkpoint", None)
-    if not value:
-        return None
-    if value == "latest":
-        found = [p for p in list_checkpoints(args.output_dir) if _is_checkpoint(p)]
-        if not found:
-            logger.info("No checkpoint in %s: starting a new training run.", args.output_dir)
-            return None
-        return str(found[-1])
-    path = Path(value)
-    if not path.is_dir():
-        raise TrainingSetupError(f"--resume_from_checkpoint {value!r} does not exist.")
-    if _is_checkpoint(path):
-        return str(path)
-    found = [p for p in list_checkpoints(path) if _is_checkpoint(p)]
-    if found:
-        return str(found[-1])
+    settings = {key: getattr(args, key, None) for key in SETTINGS_KEYS}
+    for key in _PATH_SETTINGS:
+        value = settings[key]
+        if value and Path(str(value)).expanduser().exists():
+            settings[key] = str(Path(str(value)).expanduser().resolve())
+    settings.update(extra or {})
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def settings_fingerprint(settings: Mapping[str, Any]) -> str:
+    """A short SHA-256 of a :func:`run_settings` dict (recorded in every checkpoint with the dict itself)."""
+    return hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_resume_settings(
+    path: str | os.PathLike,
+    state: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    allow_changed: bool = False,
+) -> None:
+    """Refuse (``TrainingSetupError``) to resume checkpoint ``path`` (its training ``state``) with ``settings``
+    that differ from those it recorded, listing each difference; with ``allow_changed`` only warn.
+
+    Keys recorded on one side only are not compared (a checkpoint of an older version records fewer).
+    """
+    recorded = state.get(_SETTINGS_KEY)
+    if not isinstance(recorded, Mapping):
+        logger.info("Checkpoint %s records no settings (an older version wrote it): not compared.", path)
+        return
+    changes = [
+        f"{key}: {recorded[key]!r} in the checkpoint, {settings[key]!r} now"
+        for key in sorted(set(recorded) & set(settings))
+        if recorded[key] != settings[key]
+    ]
+    if not changes:
+        return
+    if allow_changed:
+        warnings.warn(
+            f"Resuming from {str(path)!r} with changed settings ({'; '.join(changes)}) because of "
+            "--allow_changed_settings: the result will differ from an uninterrupted run.",
+            stacklevel=3,
+        )
+        return
     raise TrainingSetupError(
-        f"--resume_from_checkpoint {value!r} holds no checkpoint (expected accelerate state files and "
-        f"{TRAINING_STATE_FILE}, or checkpoint-<step> subfolders)."
+        f"Checkpoint {str(path)!r} was written with other settings: {'; '.join(changes)}. Resume with the "
+        "same settings, start a new run in another --output_dir, or pass --allow_changed_settings to "
+        "continue with the new ones."
     )
 
 
-def save_checkpoint(
-    accelerator: Any, args: argparse.Namespace, step: int, extra: Mapping[str, Any] | None = None
-) -> str:
-    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``; call it on *every* process.
+def _read_state(path: Path) -> dict[str, Any]:
+    state_file = path / TRAINING_STATE_FILE
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
-    Before saving, the main process prunes the oldest checkpoints so that at most
-    ``--checkpoints_total_limit`` remain afterwards. ``training_state.json`` records ``global_step``
-    (plus ``extra``). Returns the folder.
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed from, or ``None`` when it is complete.
+
+    Complete: ``training_state.json`` (written last) is readable and records ``global_step``; every file
+    it lists has its recorded size (a missing optimizer state or a truncated file is caught; a checkpoint
+    of an older version, without that list, needs an optimizer state); every safetensors file has a valid
+    header that covers the file.
     """
-    path = Path(args.output_dir) / f"checkpoint-{step}"
-    limit = getattr(args, "checkpoints_total_limit", None)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and limit is not None and limit > 0:
-        existing = [p for p in list_checkpoints(args.output_dir) if p != path]
-        for old in existing[: max(0, len(existing) - (limit - 1))]:
-            logger.info("Removing old checkpoint %s", old)
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        state = {"global_step": int(step), **dict(extra or {})}
-        (path / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
+    path = Path(path)
+    try:
+        state = _read_state(path)
+    except (OSError, ValueError) as error:
+        return f"its {TRAINING_STATE_FILE} is unreadable ({error})"
+    if not state:
+        return f"it has no {TRAINING_STATE_FILE} (the save did not finish)"
+    if not isinstance(state.get("global_step"), int):
+        return f"its {TRAINING_STATE_FILE} records no global_step"
+    if _FILES_KEY not in state and any(path.glob("random_states_*.pkl")) and not _has_optimizer_state(path):
+        return (
+            "it has no optimizer state (optimizer*.bin)"  # an older version's checkpoint, without file list
+        )
+    for name, size in dict(state.get(_FILES_KEY) or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes instead of {size} (truncated or replaced)"
+    for file in sorted(path.rglob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            return f"{file.relative_to(path).as_posix()} {problem}"
+    return None
+
+
+def _has_optimizer_state(path: Path) -> bool:
+    """Whether an accelerate state folder holds optimizer state (plain, FSDP ``optimizer_0`` or DeepSpeed)."""
+    return any(path.glob("optimizer*")) or any(path.rglob("*optim_states*"))
+
+
+def _newest_complete(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete ``checkpoint-*`` of ``folder`` and a line for each newer, broken one."""
+    broken = []
+    for path in reversed(list_checkpoints(folder)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if broken:
+                warnings.warn(
+                    f"Skipping broken checkpoints ({'; '.join(broken)}); resuming from {str(path)!r}.",
+                    stacklevel=4,
+                )
+            return path, broken
+        broken.append(f"{path.name}: {problem}")
+    return None, broken
+
+
+def _overwrite(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "overwrite_output_dir", False))
+
+
+def _latest_checkpoint(args: argparse.Namespace) -> Path | None:
+    path, broken = _newest_complete(Path(args.output_dir))
+    if path is None and not broken:
+        logger.info("No checkpoint in %s: starting a new training run.", args.output_dir)
+    if path is not None or not broken:
+        return path
+    if _overwrite(args):
+        warnings.warn(
+            f"No complete checkpoint in {args.output_dir!r} ({'; '.join(broken)}): starting a new run "
+            "(--overwrite_output_dir).",
+            stacklevel=3,
+        )
+        return None
+    raise TrainingSetupError(
+        f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir!r} is complete "
+        f"({'; '.join(broken)}). Pass --overwrite_output_dir to delete them and start again, or resume from "
+        "a good copy with --resume_from_checkpoint PATH."
+    )
+
+
+def _given_checkpoint(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise TrainingSetupError(f"--resume_from_checkpoint {value!r} does not exist.")
+    if (path / TRAINING_STATE_FILE).exists():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise TrainingSetupError(
+                f"--resume_from_checkpoint {value!r} is not a complete checkpoint: {problem}. Resume from an "
+                "earlier checkpoint."
+            )
+        return path
+    if any(path.glob("random_states_*.pkl")):  # accelerate's own state: the step comes from the name
+        return path
+    found, broken = _newest_complete(path)
+    if found is not None:
+        return found
+    raise TrainingSetupError(
+        f"--resume_from_checkpoint {value!r} holds no checkpoint (expected accelerate state files and "
+        f"{TRAINING_STATE_FILE}, or checkpoint-<step> subfolders)"
+        + (f"; incomplete: {'; '.join(broken)}." if broken else ".")
+    )
+
+
+def _refuse_used_output_dir(args: argparse.Namespace, resumed: Path | None) -> None:
+    """A new run must not write into a folder of another run's checkpoints (a later ``latest`` would mix
+    them) unless ``--overwrite_output_dir`` (:func:`resume_training` then deletes them). A resumed run next
+    to newer complete checkpoints is warned: ``latest`` takes them until this run writes past them."""
+    if _overwrite(args):
+        return
+    existing = list_checkpoints(args.output_dir)
+    if resumed is None and existing:
+        raise TrainingSetupError(
+            f"--output_dir {args.output_dir!r} already holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in existing)}). Pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to delete them and start again, or another --output_dir."
+        )
+    if resumed is not None:
+        step = int(_read_state(resumed).get("global_step", _step_of(resumed)))
+        newer = [p for p in existing if _step_of(p) > step and checkpoint_problem(p) is None]
+        if newer:
+            warnings.warn(
+                f"--output_dir {args.output_dir!r} holds checkpoints newer than {str(resumed)!r} "
+                f"({', '.join(p.name for p in newer)}); `--resume_from_checkpoint latest` takes them until this "
+                "run replaces them. Pass --overwrite_output_dir to delete them.",
+                stacklevel=3,
+            )
+
+
+def find_resume_checkpoint(args: argparse.Namespace, settings: Mapping[str, Any] | None = None) -> str | None:
+    """The checkpoint to resume from, or ``None`` for a fresh run. Call it before any long work.
+
+    - ``--resume_from_checkpoint`` unset: ``None``; refused when ``--output_dir`` already holds
+      checkpoints, unless ``--overwrite_output_dir``.
+    - ``latest``: the newest *complete* ``checkpoint-*`` of ``--output_dir`` (:func:`checkpoint_problem`);
+      newer broken ones are skipped with a warning. ``None`` with a log line when there is none, so a
+      restart loop can always pass ``latest``; an error when every one is broken.
+    - a path: a checkpoint folder, or a folder holding ``checkpoint-*`` (the newest complete one). A path
+      that does not exist, is incomplete or holds no checkpoint raises ``TrainingSetupError``.
+
+    The checkpoint's recorded settings must equal ``settings`` (default :func:`run_settings` of ``args``)
+    unless ``--allow_changed_settings``.
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    path = None
+    if value == "latest":
+        path = _latest_checkpoint(args)
+    elif value:
+        path = _given_checkpoint(value)
+    _refuse_used_output_dir(args, path)
+    if path is None:
+        return None
+    current = settings if settings is not None else run_settings(args)
+    check_resume_settings(path, _read_state(path), current, getattr(args, "allow_changed_settings", False))
     return str(path)
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk, so that a rename never outlives the data it names."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some platforms cannot fsync folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def _finish_checkpoint(folder: Path, state: dict[str, Any], settings: Mapping[str, Any]) -> None:
+    """Record every file's size and the settings in ``training_state.json``, written last and durably."""
+    files = {
+        p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+    for name in files:
+        _fsync(folder / name)
+    state.update({_FILES_KEY: files, _SETTINGS_KEY: dict(settings)})
+    state[_FINGERPRINT_KEY] = settings_fingerprint(settings)
+    state_file = folder / TRAINING_STATE_FILE
+    state_file.write_text(json.dumps(state, indent=2))
+    _fsync(state_file)
+    _fsync(folder)
+
+
+def _move_into_place(partial: Path, final: Path) -> None:
+    """Rename the finished ``partial`` folder to ``final``; an earlier folder of that step goes only then."""
+    if final.exists():  # an earlier save of this step (found broken and resumed past): replaced now
+        old = partial.with_name(partial.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _fsync(final.parent)
+
+
+def _prune_checkpoints(root: Path, keep: Path, limit: int | None) -> None:
+    """Delete partial folders of killed saves and, with ``limit``, all but ``keep`` and the newest
+    ``limit - 1`` complete checkpoints older than it."""
+    for stale in root.glob(f"{PARTIAL_CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if limit is None or limit <= 0:
+        return
+    others = [p for p in list_checkpoints(root) if p != keep]
+    older = [p for p in others if _step_of(p) < _step_of(keep) and checkpoint_problem(p) is None]
+    kept = older[len(older) - (limit - 1) :] if limit > 1 else []
+    for path in others:
+        if path not in kept:
+            logger.info("Removing old checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+    accelerator: Any,
+    args: argparse.Namespace,
+    step: int,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``; call it on *every* process.
+
+    The state goes to a hidden partial folder first; ``training_state.json`` (``global_step``, ``extra``,
+    the size of every file and the run's ``settings``, default :func:`run_settings`) is written last, the
+    folder is renamed into place, and only then does the main process prune checkpoints beyond
+    ``--checkpoints_total_limit``. A save that fails (a full disk, a kill) leaves the earlier checkpoints
+    as they were. Returns the folder.
+    """
+    root = Path(args.output_dir)
+    final, partial = root / f"checkpoint-{step}", root / f"{PARTIAL_CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": int(step), **dict(extra or {})}
+        _finish_checkpoint(partial, state, settings if settings is not None else run_settings(args))
+        _move_into_place(partial, final)
+        _prune_checkpoints(root, final, getattr(args, "checkpoints_total_limit", None))
+    accelerator.wait_for_everyone()
+    return str(final)
+
+
 def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """``accelerator.load_state(path)``; returns the training state (at least ``global_step``)."""
+    """``accelerator.load_state(path)``; returns the training state (``global_step`` and the saved ``extra``).
+
+    A state that fails to load raises ``TrainingSetupError`` naming the checkpoint.
+    """
     path = Path(path)
-    accelerator.load_state(str(path))
-    state_file = path / TRAINING_STATE_FILE
-    if state_file.exists():
-        return json.loads(state_file.read_text())
-    match = _CHECKPOINT_RE.match(path.name)
-    if not match:
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # any failure inside accelerate/torch: name the checkpoint and the way out
+        raise TrainingSetupError(
+            f"Checkpoint {str(path)!r} could not be loaded ({type(error).__name__}: {error}). Move it out of "
+            "the output folder to resume from the previous one."
+        ) from error
+    state = _read_state(path)
+    if state:
+        return {k: v for k, v in state.items() if k not in _RESERVED_KEYS}
+    if _step_of(path) < 0:
         raise TrainingSetupError(
             f"Cannot tell the step of checkpoint {str(path)!r} (no {TRAINING_STATE_FILE})."
         )
-    return {"global_step": int(match.group(1))}
+    return {"global_step": _step_of(path)}
+
+
+def _remove_overwritten(accelerator: Any, args: argparse.Namespace, resumed_step: int | None) -> None:
+    """With ``--overwrite_output_dir``, the main process deletes the checkpoints this run does not continue
+    (all of them for a new run; the newer ones for a resumed run), so ``latest`` can never take them."""
+    if not _overwrite(args):
+        return
+    if accelerator.is_main_process:
+        for path in list_checkpoints(args.output_dir):
+            if resumed_step is None or _step_of(path) > resumed_step:
+                logger.info("--overwrite_output_dir: removing %s", path)
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
 
 
 def resume_training(
@@ -509,12 +832,14 @@ def resume_training(
 
     The data order and accelerate's micro-step counter continue from micro-step
     ``global_step * --gradient_accumulation_steps`` (``sampler.start_batch``, ``accelerator.step``).
+    With ``--overwrite_output_dir`` the checkpoints the run does not continue are deleted first.
     ``log`` (default ``accelerator.print``) receives the "Resumed from ..." line.
     """
     global_step = 0
     if resume_path:
         global_step = int(load_checkpoint(accelerator, resume_path)["global_step"])
         (log or accelerator.print)(f"Resumed from {resume_path} at step {global_step}.")
+    _remove_overwritten(accelerator, args, global_step if resume_path else None)
     start_micro = global_step * args.gradient_accumulation_steps
     accelerator.step = start_micro
     sampler.start_batch = start_micro
@@ -528,12 +853,16 @@ def end_of_step_checkpoint(
     *,
     at_end: bool = False,
     extra: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> None:
     """After optimizer step ``global_step``: :func:`save_checkpoint` every ``--checkpointing_steps`` (and at
-    ``--max_train_steps`` with ``at_end``); then stop with ``KeyboardInterrupt`` at the hidden
-    ``--debug_interrupt_at_step`` (scripts that have it), like a killed run."""
+    ``--max_train_steps`` with ``at_end``), recording ``settings`` (default :func:`run_settings`); then stop
+    with ``KeyboardInterrupt`` at the hidden ``--debug_interrupt_at_step`` (scripts that have it), like a
+    killed run."""
     if global_step % args.checkpointing_steps == 0 or (at_end and global_step == args.max_train_steps):
-        save_checkpoint(accelerator, args, global_step, extra=extra)
+        # `settings` is passed only when given, so a stand-in for save_checkpoint (tests) may omit it.
+        own = {"settings": settings} if settings is not None else {}
+        save_checkpoint(accelerator, args, global_step, extra=extra, **own)
     stop_at = getattr(args, "debug_interrupt_at_step", None)
     if stop_at and global_step == stop_at:
         raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")

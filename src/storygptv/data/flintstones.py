@@ -41,12 +41,13 @@ Choices and assumptions:
   StoryGPT-V annotations lack it). ``background_labels``: ``labels_bg.pkl`` when present, else ``[]``.
 - Bad frames: a missing or unreadable clip drops its whole story, with a warning naming the file,
   and one summary warning counts the dropped stories; an unreadable mask falls back to box masks.
+- The pickles are read by :mod:`storygptv.data.safe_pickle`: only data types are rebuilt, and a file
+  naming anything else is refused (nothing from it runs).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from ._common import (
     require_file,
 )
 from .referential import FLINTSTONES_FEMALE, FLINTSTONES_MALE, flintstones_referential, normalize_compat
+from .safe_pickle import safe_load_pickle
 
 __all__ = [
     "CHARACTERS",
@@ -131,9 +133,12 @@ def detect_layout(data_dir: str | Path) -> str:
     )
 
 
-def _load_pickle(path: Path) -> Any:
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="latin1")
+def _load_dict(path: Path) -> dict[Any, Any]:
+    """A pickled dict (restricted unpickler: no code from the file runs)."""
+    value = safe_load_pickle(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} should hold a pickled dict, got {type(value).__name__}.")
+    return value
 
 
 def _split_ids(splits: dict[str, Any], split: str, path: Path) -> list[str]:
@@ -235,12 +240,12 @@ def load_flintstones(
         index_files.append(v1_path)
     with open(split_path, encoding="utf-8") as handle:
         ids = _split_ids(json.load(handle), split, split_path)
-    followings = {str(k): [str(i) for i in v] for k, v in _load_pickle(follow_path).items()}
+    followings = {str(k): [str(i) for i in v] for k, v in _load_dict(follow_path).items()}
     labels_path, bg_path = root / "labels.pkl", root / "labels_bg.pkl"
-    labels = {str(k): v for k, v in _load_pickle(labels_path).items()} if labels_path.exists() else {}
+    labels = {str(k): v for k, v in _load_dict(labels_path).items()} if labels_path.exists() else {}
     bg_labels: dict[str, Any] = {}
     if bg_path.exists():
-        raw = _load_pickle(bg_path)
+        raw = safe_load_pickle(bg_path)
         raw = raw.get("label", raw) if isinstance(raw, dict) else {}
         bg_labels = {str(k): v for k, v in raw.items()}
     mask_dir = root / "seg_mask_4x_comb"

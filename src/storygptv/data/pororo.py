@@ -4,7 +4,7 @@ Two layouts are read; :func:`detect_layout` picks one from the files present.
 
 ``"storygan"`` (the original StoryGAN / StoryDALL-E layout, ``data_dir``)::
 
-    descriptions.npy            pickled dict {frame id: [caption, ...]}  (np.load(..., allow_pickle=True).item())
+    descriptions.npy            pickled dict {frame id: [caption, ...]}  (a 0-d object array)
     img_cache4.npy              (N,) array of first-frame paths relative to data_dir, e.g.
                                 b"Pororo_ENGLISH1_1_ep6/12.png"
     following_cache4.npy        (N, 4) array of the 4 following frame paths (5-frame stories)
@@ -32,6 +32,8 @@ Assumptions, where the release leaves room (the loader is tolerant of the varian
   ``background`` is ``""`` and ``background_labels`` are empty (PororoSV has no background labels).
 - Bad frames: a missing or unreadable PNG drops its whole story with a warning naming the file, and
   one summary warning counts the dropped stories.
+- The pickles and object arrays are read by :mod:`storygptv.data.safe_pickle`: only data types are
+  rebuilt, and a file naming anything else is refused (nothing from it runs).
 
 ``"storygptv"`` (StoryGPT-V's ``data/pororo``; detected from ``split.json`` + ``cleaned_annotations.json``)::
 
@@ -55,7 +57,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import zlib
 from collections.abc import Callable
@@ -85,6 +86,7 @@ from .referential import (
     normalize_compat,
     pororo_referential,
 )
+from .safe_pickle import safe_load_npy, safe_load_pickle
 
 __all__ = [
     "CHARACTERS",
@@ -128,15 +130,15 @@ def _frame_id(value: Any) -> str:
     return text[:-4] if text.lower().endswith(".png") else text
 
 
-def _load_npy(path: Path) -> Any:
-    return np.load(path, allow_pickle=True, encoding="latin1")
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
+def _load_dict(path: Path) -> dict[str, Any]:
+    """A pickled ``{frame id: value}`` dict from a ``.npy`` (0-d object array) or ``.pkl`` file."""
+    value = safe_load_pickle(path) if path.suffix == ".pkl" else safe_load_npy(path)
     if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
         value = value.item()
     if not isinstance(value, dict):
-        raise ValueError(f"expected a pickled dict, got {type(value).__name__}")
+        raise ValueError(
+            f"{str(path)!r} should hold a pickled dict, got {type(value).__name__}. Expected layout: {LAYOUT}"
+        )
     return {_frame_id(k): v for k, v in value.items()}
 
 
@@ -306,16 +308,13 @@ def _storygan_plan(
     follow_path = require_file(root / "following_cache4.npy", LAYOUT)
     ids_path = require_file(root / "train_seen_unseen_ids.npy", LAYOUT)
     labels_path = root / "labels.npy"
-    try:
-        descriptions = _as_dict(_load_npy(desc_path))
-        labels = _as_dict(_load_npy(labels_path)) if labels_path.exists() else {}
-    except ValueError as error:
-        raise ValueError(f"{desc_path} / {labels_path}: {error}. Expected layout: {LAYOUT}") from error
-    firsts = np.asarray(_load_npy(cache_path)).reshape(-1)
-    followings = np.asarray(_load_npy(follow_path))
+    descriptions = _load_dict(desc_path)
+    labels = _load_dict(labels_path) if labels_path.exists() else {}
+    firsts = np.asarray(safe_load_npy(cache_path)).reshape(-1)
+    followings = np.asarray(safe_load_npy(follow_path))
     if followings.ndim == 1:
         followings = followings.reshape(len(firsts), -1)
-    split_arrays = list(_load_npy(ids_path))
+    split_arrays = list(safe_load_npy(ids_path))
     if len(split_arrays) != 3:
         raise ValueError(
             f"{str(ids_path)!r} must hold 3 arrays (train, val, test), found {len(split_arrays)}."
@@ -396,18 +395,13 @@ def _storygptv_plan(
     )
     if key is None:
         raise ValueError(f"{str(split_path)!r} has no list for split {split!r} (keys: {sorted(splits)}).")
-    with open(follow_path, "rb") as handle:
-        followings = {_frame_id(k): [_frame_id(i) for i in v] for k, v in pickle.load(handle).items()}
+    followings = {_frame_id(k): [_frame_id(i) for i in v] for k, v in _load_dict(follow_path).items()}
     with open(ann_path, encoding="utf-8") as handle:
         annotations = {_frame_id(k): v for k, v in json.load(handle).items()}
     labels: dict[str, Any] = {}
     for labels_path in (root / "labels.pkl", root / "labels.npy"):
         if labels_path.exists():
-            if labels_path.suffix == ".pkl":
-                with open(labels_path, "rb") as handle:
-                    labels = {_frame_id(k): v for k, v in pickle.load(handle, encoding="latin1").items()}
-            else:
-                labels = _as_dict(_load_npy(labels_path))
+            labels = _load_dict(labels_path)
             break
     stories = [
         [first] + followings[first][: frames_per_story - 1]

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 
+from ..loading import load_checked
 from ..models.fuser import CharacterFuser, FusedPromptOutput, encode_fused_prompt, encode_text
 
 __all__ = ["CharLDMPipeline", "CharLDMPipelineOutput"]
@@ -102,6 +103,18 @@ class CharLDMPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """``DiffusionPipeline.from_pretrained`` whose errors name the broken component and file.
+
+        A local folder is checked first (``model_index.json``, each component's folder, config and
+        safetensors headers; :func:`storygptv.loading.check_model_folder`), and a failure while loading
+        (e.g. a config whose shapes do not match its weights) raises
+        :class:`storygptv.loading.ModelLoadingError` naming the component. Hub ids load unchanged.
+        """
+        return load_checked(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property
