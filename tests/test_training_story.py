@@ -332,8 +332,8 @@ def test_resume_after_kill_gives_the_same_weights(
     killed = work / "resume_killed"
     original = stage2.tu.save_checkpoint
 
-    def save_then_die(accelerator, args, step, extra=None):
-        path = original(accelerator, args, step, extra)
+    def save_then_die(accelerator, args, step, extra=None, **kwargs):
+        path = original(accelerator, args, step, extra, **kwargs)
         if step == 2:
             raise _Killed
         return path
@@ -354,6 +354,9 @@ def test_resume_after_kill_gives_the_same_weights(
     wa, wb = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
+    # Resuming with a setting that changes the result (here a stage-2 design option) is refused.
+    with pytest.raises(TrainingSetupError, match="align_character_weight"):
+        stage2.main([*argv, "--resume_from_checkpoint", "latest", "--align_character_weight", "3"])
 
 
 def test_validation_exports_the_best_step(stage2, precompute, char_ldm_dir, lm_dir, targets_dir, work):

@@ -689,7 +689,19 @@ def main(argv: list[str] | None = None) -> Path:
         _story_model_paths(args.story_model_name_or_path)
     else:
         check_language_model(args.language_model_name_or_path)
-    resume = tu.find_resume_checkpoint(args)
+    settings = tu.run_settings(
+        args,
+        {
+            key: getattr(args, key)
+            for key in (
+                "language_model_name_or_path", "story_model_name_or_path", "targets_dir", "frames_per_story",
+                "max_length", "lora_rank", "num_img_tokens", "num_visual_tokens", "mapper_queries",
+                "restored_anchor_prob", "grounding", "align_loss", "align_character_weight",
+                "align_setting_weight", "loss_weights",
+            )
+        },
+    )  # fmt: skip
+    resume = tu.find_resume_checkpoint(args, settings)
     precompute = _sibling_module("precompute_targets")
     targets_dir = args.targets_dir
     if targets_dir is None:
@@ -878,7 +890,9 @@ def main(argv: list[str] | None = None) -> Path:
                 logger.info("step %d: validation %s%s", global_step, parts, " (best so far)" if best else "")
                 accelerator.log({f"val_{k}": v for k, v in validator.last.items()}, step=global_step)
             accelerator.wait_for_everyone()
-        tu.end_of_step_checkpoint(accelerator, args, global_step, at_end=True, extra={"loss_weights": w})
+        tu.end_of_step_checkpoint(
+            accelerator, args, global_step, at_end=True, extra={"loss_weights": w}, settings=settings
+        )
     progress.close()
 
     accelerator.wait_for_everyone()
