@@ -80,7 +80,6 @@ LOSS_PRESETS: dict[str, dict[str, float]] = {
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"gen": 0.5, "align": 1.0, "img": 1.0}
 
 TRAINABLE_FILE = "story_model_trainable.safetensors"
-_ROW_SUFFIX = "@img_rows"
 _CHAR_LDM_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "fuser")
 
 STORY_MODEL_CARD = """---
@@ -478,38 +477,13 @@ class Stage2Collator:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _row_masked_names(model: Any) -> set[str]:
-    masked = {id(w) for w in model._img_row_weights()} if model._llm_frozen else set()
-    return {name for name, p in model.named_parameters() if id(p) in masked}
-
-
 def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The trained weights only: trainable parameters, and just the ``[IMG]`` rows of row-masked matrices."""
-    rows = _row_masked_names(model)
-    ids = torch.tensor(model.config.img_token_ids)
-    state = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name in rows:
-            state[name + _ROW_SUFFIX] = param.detach()[ids.to(param.device)].cpu().contiguous()
-        else:
-            state[name] = param.detach().cpu().contiguous()
-    return state
+    """The trained weights only (see ``StoryGPTVForConditionalGeneration.trainable_state_dict``)."""
+    return model.trainable_state_dict()
 
 
-@torch.no_grad()
 def load_trainable_state_dict(model: Any, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    ids = torch.tensor(model.config.img_token_ids)
-    for key, value in state.items():
-        if key.endswith(_ROW_SUFFIX):
-            param = params[key[: -len(_ROW_SUFFIX)]]
-            param[ids.to(param.device)] = value.to(param.device, param.dtype)
-        elif key in params:
-            params[key].copy_(value.to(params[key].device, params[key].dtype))
-        else:
-            raise KeyError(f"Checkpoint holds {key!r}, which the story model does not have.")
+    model.load_trainable_state_dict(state)
 
 
 def register_checkpoint_hooks(accelerator: Any, story_model_class: type) -> None:

@@ -64,6 +64,10 @@ __all__ = [
 ]
 
 
+#: Key suffix of the ``[IMG]`` rows of a row-masked matrix in :meth:`~StoryGPTVForConditionalGeneration.trainable_state_dict`.
+IMG_ROWS_SUFFIX = "@img_rows"
+
+
 def cache_argument_name(module: nn.Module) -> str:
     """The keyword under which ``module.forward`` takes its key/value cache.
 
@@ -487,6 +491,39 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights only, on the CPU: every trainable parameter, except that a row-masked matrix
+        (the embedding, an untied head) contributes just its ``[IMG]`` rows, under ``"<name>@img_rows"``.
+
+        This is what a stage-2 checkpoint needs: the frozen LLM is not copied.
+        """
+        masked = {id(w) for w in self._img_row_weights()} if self._llm_frozen else set()
+        ids = torch.tensor(self.config.img_token_ids or [])
+        state = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if id(param) in masked:
+                state[name + IMG_ROWS_SUFFIX] = param.detach()[ids.to(param.device)].cpu().contiguous()
+            else:
+                state[name] = param.detach().cpu().contiguous()
+        return state
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`trainable_state_dict` back (the ``[IMG]`` rows into their matrices)."""
+        params = dict(self.named_parameters())
+        ids = torch.tensor(self.config.img_token_ids or [])
+        for key, value in state.items():
+            name = key[: -len(IMG_ROWS_SUFFIX)] if key.endswith(IMG_ROWS_SUFFIX) else key
+            if name not in params:
+                raise KeyError(f"The state holds {key!r}, which this story model does not have.")
+            param = params[name]
+            if key.endswith(IMG_ROWS_SUFFIX):
+                param[ids.to(param.device)] = value.to(param.device, param.dtype)
+            else:
+                param.copy_(value.to(param.device, param.dtype))
 
     @torch.no_grad()
     def renormalize_img_embeddings(self, include_output_head: bool = False) -> None:
