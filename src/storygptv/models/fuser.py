@@ -303,7 +303,11 @@ def encode_fused_prompt(
     image_size = getattr(getattr(image_encoder, "config", None), "image_size", 224)
     pixel_values = preprocess_reference_images(images, feature_extractor, image_size)
     pixel_values = pixel_values.to(device=device, dtype=image_encoder.dtype)
-    embeds = image_encoder(pixel_values=pixel_values).image_embeds
+    # One image at a time: batched CPU kernels round differently with the batch size, and a character's
+    # embedding should not depend on which other characters share its caption (or on a cast encoded at once).
+    embeds = torch.cat(
+        [image_encoder(pixel_values=pixel_values[i : i + 1]).image_embeds for i in range(len(images))]
+    )
 
     image_embeds = embeds.new_zeros(len(prompts), max_characters, embeds.shape[-1])
     for row, slot, image in slot_images:
