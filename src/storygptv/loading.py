@@ -244,6 +244,23 @@ def _loading_error(error: Exception, folder: Path, index: dict[str, Any]) -> Mod
     )
 
 
+def realign_cpu_tensors(module: Any) -> None:
+    """Copy the CPU parameters and buffers of ``module`` that sit at addresses not 64-byte aligned.
+
+    safetensors loading can leave CPU tensors at such addresses; CPU kernels then take other SIMD paths and round
+    the last bit differently. Copying them makes a loaded model compute bit-identically to the saved one (ties
+    are kept: the Parameter objects stay the same).
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+
+
 def load_checked(load: Callable[..., T], source: Any, **kwargs: Any) -> T:
     """``load(source, **kwargs)`` (a ``from_pretrained``) with the local-folder check first and failures
     wrapped in a :class:`ModelLoadingError` naming the component. Hub ids are loaded as they are."""

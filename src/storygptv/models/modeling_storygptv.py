@@ -43,6 +43,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
+from ..loading import realign_cpu_tensors
 from .configuration_storygptv import StoryGPTVConfig
 from .grounding_head import StoryGroundingHead
 from .mapper import StoryLDMMapper
@@ -457,18 +458,9 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         return model
 
     def _reapply_freezing(self) -> None:
-        self._realign_cpu_tensors()
+        realign_cpu_tensors(self)
         if self.config.freeze_language_model:
             self.freeze_language_model(True)
-
-    @torch.no_grad()
-    def _realign_cpu_tensors(self) -> None:
-        # safetensors loading can leave CPU tensors at addresses that are not 64-byte aligned; CPU kernels then
-        # take other SIMD paths and round the last bit differently. Copying them makes a loaded model compute
-        # bit-identically to the saved one (ties are kept: the Parameter objects stay the same).
-        for tensor in [*self.parameters(), *self.buffers()]:
-            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % 64:
-                tensor.data = tensor.data.clone()
 
     def trainable_parameter_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups of the trainable parameters.

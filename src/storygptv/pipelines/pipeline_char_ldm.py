@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 
-from ..loading import load_checked
+from ..loading import load_checked, realign_cpu_tensors
 from ..models.fuser import CharacterFuser, FusedPromptOutput, encode_fused_prompt, encode_text
 
 __all__ = ["CharLDMPipeline", "CharLDMPipelineOutput"]
@@ -112,9 +112,14 @@ class CharLDMPipeline(DiffusionPipeline):
         A local folder is checked first (``model_index.json``, each component's folder, config and
         safetensors headers; :func:`storygptv.loading.check_model_folder`), and a failure while loading
         (e.g. a config whose shapes do not match its weights) raises
-        :class:`storygptv.loading.ModelLoadingError` naming the component. Hub ids load unchanged.
+        :class:`storygptv.loading.ModelLoadingError` naming the component. Hub ids load unchanged. Loaded CPU
+        weights are re-aligned (:func:`storygptv.loading.realign_cpu_tensors`) so that a loaded pipeline draws
+        bit-identically to the one that was saved.
         """
-        return load_checked(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+        pipe = load_checked(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+        for component in pipe.components.values():
+            realign_cpu_tensors(component)
+        return pipe
 
     # ------------------------------------------------------------------ properties
     @property
