@@ -114,13 +114,13 @@ def main() -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - clock["t"])
         peaks.append(torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib())
-        total = p.story_state.llm_tokens_total
+        total = p.story_context.llm_tokens_total
         tokens.append(total - clock["tokens"])
         clock["tokens"] = total
         begin_frame()
 
     begin_frame()
-    pipe(
+    output = pipe(
         captions,
         characters=cast,
         num_inference_steps=args.steps,
@@ -148,7 +148,7 @@ def main() -> None:
             f"LLM tokens per frame, frames 2-11: {statistics.mean(tokens[1:11]):.0f}; last 10: "
             f"{statistics.mean(tokens[-10:]):.0f}"
         )
-    state = pipe.story_state
+    state = output.story_context
     print(
         f"frames dropped from the context: {state.num_frames_dropped}; cache rebuilds: {state.num_rebuilds}"
     )

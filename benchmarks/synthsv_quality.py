@@ -44,6 +44,7 @@ from storygptv.evaluation.grounding import grounding_metrics
 from storygptv.evaluation.metrics import background_accuracy, character_metrics
 from storygptv.evaluation.synthsv import SynthSVJudge
 from storygptv.grounding import ground_caption
+from storygptv.models.story_context import StoryContext
 
 VARIANTS = (
     "full",
@@ -97,31 +98,32 @@ def score(
     return result
 
 
+class WithheldImagesContext(StoryContext):
+    """A story context that shows the LLM zeros instead of the generated frames (the caption-only ablation)."""
+
+    def append_frame(self, image_embeds: torch.Tensor, caption: Any) -> None:
+        super().append_frame(torch.zeros_like(image_embeds), caption)
+
+
 def run_story_pipeline(
     pipe: StoryGPTVPipeline, stories, cast, args, withhold_images: bool = False, grounding: str | None = None
 ) -> tuple[list[Any], list[list[str]]]:
-    original = pipe.story_model.append_frame
-    if withhold_images:
-        pipe.story_model.append_frame = lambda state, embeds, caption: original(
-            state, torch.zeros_like(embeds), caption
-        )
     frames, resolved = [], []
-    try:
-        for index, story in enumerate(stories):
-            out = pipe(
-                list(story.referential_captions),
-                characters=cast,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                start_merge_step=args.start_merge_step,
-                grounding=grounding,
-                generator=torch.Generator().manual_seed(args.seed + index),
-                output_type="np",
-            )
-            frames.extend(out.images)
-            resolved.extend(out.characters)
-    finally:
-        pipe.story_model.append_frame = original
+    for index, story in enumerate(stories):
+        context = WithheldImagesContext(pipe.story_model, pipe.story_processor) if withhold_images else None
+        out = pipe(
+            list(story.referential_captions),
+            characters=cast,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            start_merge_step=args.start_merge_step,
+            grounding=grounding,
+            story_context=context,
+            generator=torch.Generator().manual_seed(args.seed + index),
+            output_type="np",
+        )
+        frames.extend(out.images)
+        resolved.extend(out.characters)
     return frames, resolved
 
 

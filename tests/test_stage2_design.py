@@ -13,6 +13,8 @@ from storygptv.grounding import ground_caption
 from storygptv.models.configuration_storygptv import StoryGPTVConfig
 from storygptv.models.mapper import StoryLDMMapper
 from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration
+from storygptv.models.processing_storygptv import StoryGPTVProcessor
+from storygptv.models.story_context import StoryContext, reference_conditioning
 from storygptv.models.story_inputs import encode_caption
 from storygptv.testing import tiny_storygptv_components
 from storygptv.testing.story_model import tiny_story_model
@@ -193,23 +195,19 @@ def test_cached_story_api_equals_one_full_forward_with_anchor_and_head():
     captions = ["Ava and Bo stand.", "They jump.", "She waves."]
     embeds = torch.randn(3, 32, generator=g)
     anchor = torch.randn(1, 77, 32, generator=g)
-    state = model.start_story(tokenizer=tok)
+    context = StoryContext(model, StoryGPTVProcessor(tok))
     for t, caption in enumerate(captions):
-        reading = model.read_next_frame(state, caption)
+        reading = context.read_next_frame(caption)
         cached = model.map_img_tokens(reading.img_hidden_states, reading.img_input_embeds, anchor)
-        full = model.story_conditioning(
-            [encode_caption(tok, c) for c in captions[:t]], embeds[:t] if t else None,
+        full = reference_conditioning(
+            model, [encode_caption(tok, c) for c in captions[:t]], embeds[:t] if t else None,
             encode_caption(tok, caption), caption_conditioning=anchor,
         )  # fmt: skip
         torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(
-            model.next_frame_conditioning(state, caption, caption_conditioning=anchor),
-            full,
-            atol=1e-5,
-            rtol=1e-5,
-        )
+        again = context.next_frame_conditioning(caption, caption_conditioning=anchor)
+        torch.testing.assert_close(again, full, atol=1e-5, rtol=1e-5)
         assert reading.character_logits.shape == (1, 3) and reading.setting_logits.shape == (1, 2)
-        model.append_frame(state, embeds[t], caption)
+        context.append_frame(embeds[t], caption)
 
 
 # ------------------------------------------------------------------------------------------- pipeline

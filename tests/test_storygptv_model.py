@@ -1,7 +1,6 @@
 """StoryGPT-V stage-2 model: config, forward losses, trainable rows, KV-cached story API, save/load, LoRA, Hub."""
 
 import os
-import warnings
 from unittest import mock
 
 import pytest
@@ -12,8 +11,9 @@ from storygptv.data.collators_story import StoryGPTVCollator
 from storygptv.models.configuration_storygptv import StoryGPTVConfig
 from storygptv.models.mapper import StoryLDMMapper
 from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration, StoryGPTVOutput
+from storygptv.models.story_context import StoryContext
 from storygptv.models.story_inputs import encode_caption
-from storygptv.testing.story_model import tiny_story_model, tiny_text_config
+from storygptv.testing.story_model import tiny_story_frames, tiny_story_model, tiny_text_config
 from storygptv.testing.tokenizers import build_bpe_tokenizer
 
 CAPTIONS = [
@@ -99,9 +99,9 @@ def test_auto_model_and_safetensors_round_trip(tmp_path):
     caption = encode_caption(tok, "He is in the yard.")
     conds = []
     for m in (model, loaded):
-        state = m.start_story()
-        m.append_frame(state, torch.ones(1, 32), encode_caption(tok, CAPTIONS[0]))
-        conds.append(m.next_frame_conditioning(state, caption))
+        state = StoryContext(m)
+        state.append_frame(torch.ones(1, 32), encode_caption(tok, CAPTIONS[0]))
+        conds.append(state.next_frame_conditioning(caption))
     torch.testing.assert_close(conds[0], conds[1], atol=0, rtol=0)
 
 
@@ -298,144 +298,6 @@ def test_generate_with_images():
     assert out.shape == (1, ids.shape[1] + 3)
 
 
-# ----------------------------------------------------------------------------- KV-cached story API
-
-
-def _frames(tok, n, seed=0, dim=32):
-    g = torch.Generator().manual_seed(seed)
-    words = ["Fred", "Wilma", "Barney", "Betty"]
-    caps = [encode_caption(tok, f"{words[i % 4]} is in the yard {i % 10}.") for i in range(n)]
-    return caps, torch.randn(n, dim, generator=g)
-
-
-@pytest.mark.parametrize("text_model_type", ["opt", "llama", "gpt2"])
-def test_cached_conditioning_equals_full_forward(text_model_type):
-    model, tok = tiny_story_model(text_model_type=text_model_type)
-    caps, embeds = _frames(tok, 5)
-    state = model.start_story()
-    for t in range(5):
-        cached = model.next_frame_conditioning(state, caps[t])
-        full = model.story_conditioning(caps[:t], embeds[:t], caps[t])
-        torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
-        again = model.next_frame_conditioning(state, caps[t])  # not committed: same result
-        torch.testing.assert_close(again, cached, atol=1e-6, rtol=1e-6)
-        model.append_frame(state, embeds[t : t + 1], caps[t])
-    assert len(state.frames) == 5 and state.cache_length == 1 + sum(
-        state.tokens.history_length(len(c)) for c in caps
-    )
-
-
-def test_context_window_matches_full_forward_over_last_frames():
-    model, tok = tiny_story_model()
-    caps, embeds = _frames(tok, 7)
-    state = model.start_story(context_window=2)
-    for t in range(7):
-        cached = model.next_frame_conditioning(state, caps[t])
-        lo = max(0, t - 2)
-        full = model.story_conditioning(caps[lo:t], embeds[lo:t], caps[t])
-        torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
-        model.append_frame(state, embeds[t], caps[t])
-    assert [f.index for f in state.frames] == [5, 6]
-    assert state.num_frames_dropped == 5 and state.num_rebuilds == 5
-    # per-frame LLM work is set by the window, not by the story length
-    cap = caps[0]
-    state = model.start_story(context_window=2)
-    for _ in range(8):
-        model.next_frame_conditioning(state, cap)
-        model.append_frame(state, embeds[0], cap)
-    seg, tgt = state.tokens.history_length(len(cap)), len(cap) + state.tokens.target_overhead()
-    assert state.llm_tokens_per_frame[2:] == [tgt + 1 + 2 * seg] * 6  # target + rebuild of BOS + 2 frames
-    assert state.cache_length == 1 + 2 * seg
-
-
-def test_tokens_per_frame_constant_with_whole_story():
-    model, tok = tiny_story_model()
-    cap = encode_caption(tok, "Fred is in the yard.")
-    state = model.start_story()
-    x = torch.zeros(1, 32)
-    for _ in range(30):
-        model.next_frame_conditioning(state, cap)
-        model.append_frame(state, x, cap)
-    per_frame = state.llm_tokens_per_frame
-    seg = state.tokens.history_length(len(cap))
-    tgt = len(cap) + state.tokens.target_overhead()
-    assert per_frame[0] == 1 + tgt + seg  # BOS once
-    assert set(per_frame[1:]) == {tgt + seg}
-    assert state.num_rebuilds == 0 and state.cache_length == 1 + 30 * seg
-
-
-def test_budget_truncation_warns_and_drops_oldest():
-    model, tok = tiny_story_model(max_context_tokens=150)
-    caps, embeds = _frames(tok, 8)
-    state = model.start_story()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        for t in range(8):
-            cond = model.next_frame_conditioning(state, caps[t])
-            kept = [f.index for f in state.frames]
-            full = model.story_conditioning([caps[i] for i in kept], embeds[kept], caps[t])
-            torch.testing.assert_close(cond, full, atol=1e-5, rtol=1e-5)
-            model.append_frame(state, embeds[t], caps[t])
-            assert state.cache_length <= 150
-    budget_warnings = [w for w in record if "budget" in str(w.message)]
-    assert len(budget_warnings) == 1 and "dropping" in str(budget_warnings[0].message)  # once per story
-    assert budget_warnings[0].filename == __file__  # points at the caller
-    assert state.num_frames_dropped > 0 and state.frames[-1].index == 7
-    with pytest.warns(UserWarning) as record:
-        cond = model.next_frame_conditioning(
-            state, encode_caption(tok, " ".join(["Fred is in the yard."] * 40))
-        )
-    assert any("truncated" in str(w.message) for w in record) and cond.shape == (1, 77, 32)
-
-
-def test_budget_overflow_rebuilds_once_per_block_of_frames():
-    model, tok = tiny_story_model(max_context_tokens=150)
-    caps, embeds = _frames(tok, 40)
-    state = model.start_story()
-    rebuilt = []
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        for t in range(40):
-            before = state.num_rebuilds
-            model.next_frame_conditioning(state, caps[t])
-            model.append_frame(state, embeds[t], caps[t])
-            rebuilt.append(state.num_rebuilds > before)
-            assert state.cache_length <= 150
-    assert sum("budget" in str(w.message) for w in record) == 1
-    # A block of old frames leaves at once (down to half the budget), so the cache is never rebuilt on two
-    # frames in a row; the old policy (drop just enough) rebuilt on every frame once the story was full.
-    assert 3 <= sum(rebuilt) <= 40 // 3
-    assert not any(a and b for a, b in zip(rebuilt, rebuilt[1:]))
-    assert state.num_frames_dropped + len(state.frames) == 40
-
-
-def test_batched_story_and_text_captions():
-    model, tok = tiny_story_model()
-    caps, embeds = _frames(tok, 3)
-    other = [list(reversed(c)) for c in caps]  # same lengths, other content
-    state = model.start_story(batch_size=2)
-    singles = [model.start_story(), model.start_story()]
-    for t in range(3):
-        cond = model.next_frame_conditioning(state, [caps[t], other[t]])
-        for b, (s, c) in enumerate(zip(singles, (caps, other))):
-            torch.testing.assert_close(
-                cond[b : b + 1], model.next_frame_conditioning(s, c[t]), atol=1e-5, rtol=1e-5
-            )
-            model.append_frame(s, embeds[t] + b, c[t])
-        model.append_frame(state, torch.stack([embeds[t], embeds[t] + 1]), torch.tensor([caps[t], other[t]]))
-    with pytest.raises(ValueError, match="equal token lengths"):
-        model.next_frame_conditioning(state, [caps[0], caps[0][:-1]])
-
-    with pytest.raises(ValueError, match="tokenizer"):
-        model.next_frame_conditioning(model.start_story(), "Fred is here.")
-    text_state = model.start_story(tokenizer=tok)
-    id_state = model.start_story()
-    torch.testing.assert_close(
-        model.next_frame_conditioning(text_state, "Fred is in the yard."),
-        model.next_frame_conditioning(id_state, encode_caption(tok, "Fred is in the yard.")),
-    )
-
-
 # ----------------------------------------------------------------------------- LoRA, from_language_model, Hub
 
 
@@ -450,12 +312,12 @@ def test_lora_round_trip(tmp_path):
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert lora <= set(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
     assert all(p.requires_grad for n, p in loaded.named_parameters() if n in lora)
-    caps, embeds = _frames(tok, 2)
+    caps, embeds = tiny_story_frames(tok, 2)
     conds = []
     for m in (model, loaded):
-        s = m.start_story()
-        m.append_frame(s, embeds[0], caps[0])
-        conds.append(m.next_frame_conditioning(s, caps[1]))
+        s = StoryContext(m)
+        s.append_frame(embeds[0], caps[0])
+        conds.append(s.next_frame_conditioning(caps[1]))
     torch.testing.assert_close(conds[0], conds[1], atol=0, rtol=0)
     # the adapters matter
     plain = StoryGPTVForConditionalGeneration(StoryGPTVConfig(**{**model.config.to_dict(), "lora_rank": 0}))
@@ -492,8 +354,8 @@ def test_from_language_model(tmp_path):
     torch.testing.assert_close(emb[:n_before], reference["model.decoder.embed_tokens.weight"])
     fc1 = model.language_model.model.decoder.layers[1].fc1.weight
     torch.testing.assert_close(fc1, reference["model.decoder.layers.1.fc1.weight"])
-    state = model.start_story()
-    assert model.next_frame_conditioning(state, encode_caption(tok, "Fred.")).shape == (1, 77, 24)
+    state = StoryContext(model)
+    assert state.next_frame_conditioning(encode_caption(tok, "Fred.")).shape == (1, 77, 24)
 
     # also from an instance (no reload), with LoRA
     model2, _ = StoryGPTVForConditionalGeneration.from_language_model(

@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
+from storygptv.models.story_context import reference_conditioning
 from storygptv.pipelines.pipeline_char_ldm import CharLDMPipeline
 from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline, encode_story_images
 from storygptv.storyboard import make_storyboard
@@ -79,7 +80,7 @@ def test_later_frames_use_llm_over_generated_frames(pipe):
     ids = [encode_caption(tok, c) for c in STORY]
     frames = out.images.permute(0, 2, 3, 1).numpy()
     embeds = context_embeds(pipe, frames[:2])
-    expected = model.story_conditioning(ids[:2], embeds, ids[2])
+    expected = reference_conditioning(model, ids[:2], embeds, ids[2])
     torch.testing.assert_close(out.conditionings[2], expected[0], atol=2e-4, rtol=1e-4)
     fused = pipe.encode_fused(STORY[0], CAST).prompt_embeds
     torch.testing.assert_close(out.conditionings[0], fused[0])
@@ -91,7 +92,7 @@ def test_context_window_keeps_last_frames(pipe):
 
     ids = [encode_caption(pipe.story_tokenizer, c) for c in STORY]
     frames = out.images.permute(0, 2, 3, 1).numpy()
-    expected = pipe.story_model.story_conditioning(ids[1:2], context_embeds(pipe, frames[1:2]), ids[2])
+    expected = reference_conditioning(pipe.story_model, ids[1:2], context_embeds(pipe, frames[1:2]), ids[2])
     torch.testing.assert_close(out.conditionings[2], expected[0], atol=2e-4, rtol=1e-4)
     whole = run(pipe, output_type="pt", return_conditioning=True)
     assert not torch.allclose(whole.conditionings[2], out.conditionings[2])

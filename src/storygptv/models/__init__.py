@@ -6,12 +6,12 @@ from .grounding_head import StoryGroundingHead
 from .mapper import StoryLDMMapper
 from .modeling_storygptv import (
     NextFrameOutput,
-    StoryFrame,
     StoryGPTVForConditionalGeneration,
     StoryGPTVOutput,
     StoryGPTVPreTrainedModel,
-    StoryState,
 )
+from .processing_storygptv import StoryGPTVProcessor
+from .story_context import StoryContext, StoryFrame, reference_conditioning
 from .story_inputs import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_TOKEN,
@@ -37,9 +37,10 @@ __all__ = [
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",
     "StoryGPTVPreTrainedModel",
+    "StoryGPTVProcessor",
     "StoryGroundingHead",
     "StoryLDMMapper",
-    "StoryState",
+    "StoryContext",
     "StoryTokens",
     "add_story_special_tokens",
     "build_story_sequence",
@@ -48,5 +49,6 @@ __all__ = [
     "encode_fused_prompt",
     "history_segment",
     "img_token_strings",
+    "reference_conditioning",
     "target_segment",
 ]

@@ -24,7 +24,16 @@ from ..characters import (
     warn_ignored_characters,
 )
 
-__all__ = ["CharacterFuser", "FusedPromptOutput", "encode_fused_prompt", "preprocess_reference_images"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CharacterFuser",
+    "FusedPromptOutput",
+    "encode_fused_prompt",
+    "encode_reference_images",
+    "normalize_character_embeds",
+    "preprocess_reference_images",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,15 +203,63 @@ def encode_text(
     return text_encoder(input_ids)[0], input_ids
 
 
+def encode_reference_images(
+    images: Sequence[Any], image_encoder: Any, feature_extractor: Any | None = None, device: Any = None
+) -> torch.Tensor:
+    """(N, D) projected CLIP embeddings (``image_embeds``) of RGB reference images.
+
+    One image at a time: batched CPU kernels round differently with the batch size, and a character's
+    embedding should not depend on which other characters share its caption (or on a cast encoded at once).
+    """
+    image_size = getattr(getattr(image_encoder, "config", None), "image_size", 224)
+    pixel_values = preprocess_reference_images(list(images), feature_extractor, image_size)
+    pixel_values = pixel_values.to(device=device or image_encoder.device, dtype=image_encoder.dtype)
+    return torch.cat(
+        [image_encoder(pixel_values=pixel_values[i : i + 1]).image_embeds for i in range(len(images))]
+    )
+
+
+def normalize_character_embeds(
+    character_embeds: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor] | None], batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Validate precomputed ``character_embeds`` (``{name: (D,) tensor}``, shared or one dict per prompt)."""
+    entries = (
+        [character_embeds] * batch_size if isinstance(character_embeds, Mapping) else list(character_embeds)
+    )
+    if len(entries) != batch_size:
+        raise ValueError(
+            f"`character_embeds` is a list of {len(entries)} dicts but there are {batch_size} prompts; pass one "
+            "dict per prompt, or a single dict shared by all prompts."
+        )
+    out = []
+    for entry in entries:
+        if entry is not None and not isinstance(entry, Mapping):
+            raise TypeError(
+                f"`character_embeds` entries must be dicts {{name: tensor}}, got {type(entry).__name__}."
+            )
+        checked = {}
+        for name, value in (entry or {}).items():
+            if not isinstance(value, torch.Tensor) or value.reshape(-1).shape[0] != value.shape[-1]:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"`character_embeds[{name!r}]` must be one embedding, a (D,) tensor (e.g. from "
+                    f"`pipe.encode_characters`), got {shape}."
+                )
+            checked[name] = value.reshape(-1)
+        out.append(checked)
+    return out
+
+
 def encode_fused_prompt(
     prompt: str | list[str],
-    characters: Mapping[str, Any] | list[Mapping[str, Any] | None] | None,
+    characters: Mapping[str, Any] | list[Mapping[str, Any] | None] | None = None,
     *,
     tokenizer: Any,
     text_encoder: Any,
-    image_encoder: Any,
-    fuser: CharacterFuser,
+    image_encoder: Any = None,
+    fuser: CharacterFuser | None = None,
     feature_extractor: Any | None = None,
+    character_embeds: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor] | None] | None = None,
     max_characters: int | None = None,
     device: torch.device | str | None = None,
     warn: bool = True,
@@ -221,8 +278,11 @@ def encode_fused_prompt(
         characters: ``{name: reference image}`` shared by all captions, a list with one such dict per
             caption, or ``None``. Images may be PIL images, paths, uint8 arrays or (3, H, W) tensors.
         tokenizer, text_encoder: the CLIP tokenizer (a fast tokenizer) and ``CLIPTextModel``.
-        image_encoder: a ``CLIPVisionModelWithProjection``; its ``image_embeds`` are fused.
-        fuser: the :class:`CharacterFuser`.
+        image_encoder: a ``CLIPVisionModelWithProjection``; its ``image_embeds`` are fused (not needed with
+            ``character_embeds`` or without characters).
+        fuser: the :class:`CharacterFuser` (not needed when no caption names a character).
+        character_embeds: precomputed ``{name: (D,) image embedding}`` (see :func:`encode_reference_images`),
+            shared or one dict per caption, instead of ``characters``; they give exactly the same result.
         feature_extractor: the CLIP image processor for the reference images (optional).
         max_characters: defaults to ``fuser.config.max_characters``.
         device: where to run; defaults to the text encoder's device.
@@ -252,16 +312,21 @@ def encode_fused_prompt(
             raise TypeError(
                 f"`prompt[{index}]` has type {type(text).__name__}; every caption must be a string."
             )
-    per_prompt = normalize_characters(characters, len(prompts))
+    if characters is not None and character_embeds is not None:
+        raise ValueError("Pass either `characters` (reference images) or `character_embeds`, not both.")
+    if character_embeds is not None:
+        per_prompt: list[dict[str, Any]] = normalize_character_embeds(character_embeds, len(prompts))
+    else:
+        per_prompt = normalize_characters(characters, len(prompts))
     if max_characters is None:
-        max_characters = fuser.config.max_characters
+        max_characters = fuser.config.max_characters if fuser is not None else 0
     device = device if device is not None else text_encoder.device
 
     text_embeds, input_ids = encode_text(prompts, tokenizer, text_encoder, device)
 
     token_indices = torch.full((len(prompts), max_characters), -1, dtype=torch.long)
     names: list[list[str]] = []
-    slot_images: list[tuple[int, int, Any]] = []
+    slots: list[tuple[int, int, Any]] = []
     unmatched: list[list[str]] = []
     for row, (text, refs) in enumerate(zip(prompts, per_prompt)):
         mentions = locate_character_tokens(text, refs.keys(), tokenizer) if refs else []
@@ -277,9 +342,9 @@ def encode_fused_prompt(
         names.append([m.name for m in kept])
         for slot, mention in enumerate(kept):
             token_indices[row, slot] = mention.token_index
-            slot_images.append((row, slot, refs[mention.name]))
+            slots.append((row, slot, refs[mention.name]))
     if warn and warn_absent:
-        if isinstance(characters, Mapping):
+        if isinstance(characters if character_embeds is None else character_embeds, Mapping):
             # One dict shared by every caption (e.g. a story's cast): a name is only worth a warning
             # when no caption mentions it.
             never = [name for name in unmatched[0] if all(name in row for row in unmatched)]
@@ -290,28 +355,33 @@ def encode_fused_prompt(
                 if absent:
                     warn_ignored_characters(text, absent, [], max_characters)
 
-    if not slot_images:
+    # Without a character to fuse, the plain text encoding is the conditioning (no fuser, no image encoder).
+    if not slots:
         return FusedPromptOutput(text_embeds, text_embeds, token_indices.to(device), names, input_ids)
+    if fuser is None:
+        raise ValueError("Captions name characters to fuse, but no `fuser` was given.")
 
-    # Encode each distinct reference image once (a shared dict gives the same objects to every row).
-    unique: dict[int, int] = {}
-    images = []
-    for _, _, image in slot_images:
-        if id(image) not in unique:
-            unique[id(image)] = len(images)
-            images.append(image)
-    image_size = getattr(getattr(image_encoder, "config", None), "image_size", 224)
-    pixel_values = preprocess_reference_images(images, feature_extractor, image_size)
-    pixel_values = pixel_values.to(device=device, dtype=image_encoder.dtype)
-    # One image at a time: batched CPU kernels round differently with the batch size, and a character's
-    # embedding should not depend on which other characters share its caption (or on a cast encoded at once).
-    embeds = torch.cat(
-        [image_encoder(pixel_values=pixel_values[i : i + 1]).image_embeds for i in range(len(images))]
-    )
+    if character_embeds is not None:
+        embeds = torch.stack([value for _, _, value in slots]).to(device)
+        index_of = list(range(len(slots)))
+    else:
+        # Encode each distinct reference image once (a shared dict gives the same objects to every row).
+        unique: dict[int, int] = {}
+        images = []
+        for _, _, image in slots:
+            if id(image) not in unique:
+                unique[id(image)] = len(images)
+                images.append(image)
+        if image_encoder is None:
+            raise ValueError(
+                "Reference images need an `image_encoder` (or pass precomputed `character_embeds`)."
+            )
+        embeds = encode_reference_images(images, image_encoder, feature_extractor, device)
+        index_of = [unique[id(image)] for _, _, image in slots]
 
     image_embeds = embeds.new_zeros(len(prompts), max_characters, embeds.shape[-1])
-    for row, slot, image in slot_images:
-        image_embeds[row, slot] = embeds[unique[id(image)]]
+    for (row, slot, _), index in zip(slots, index_of):
+        image_embeds[row, slot] = embeds[index]
     token_indices = token_indices.to(device)
     prompt_embeds = fuser(text_embeds, image_embeds.to(fuser.dtype), token_indices)
     return FusedPromptOutput(prompt_embeds, text_embeds, token_indices, names, input_ids)

@@ -10,35 +10,25 @@ Components (method notes section 3.1):
   likewise the ``[IMG]`` rows of an untied output head).
 - ``ldm_mapper``: :class:`~storygptv.models.mapper.StoryLDMMapper`, fed with the last-layer hidden states **plus**
   the input embeddings at the R ``[IMG]`` positions; outputs (B, 77, ldm_hidden_size).
+- ``grounding_head`` (optional): :class:`~storygptv.models.grounding_head.StoryGroundingHead`, the frame's cast
+  and setting from the ``[IMG]`` states.
 
-Training uses :meth:`StoryGPTVForConditionalGeneration.forward` on sequences laid out by
-:mod:`storygptv.models.story_inputs`. Inference over a story uses the KV-cached API::
-
-    state = model.start_story(batch_size=1, context_window=None)
-    for frame in story:
-        cond = model.next_frame_conditioning(state, caption_ids)   # (B, 77, ldm_hidden_size), not committed
-        image = ldm(cond) ...
-        model.append_frame(state, clip_image_embeds, caption_ids)   # commits "Image: <v>*m Caption: c"
+``forward`` reads top to bottom like Llava's: input embeddings with the projected images scattered into their
+placeholders, the language model (with ``cache=``), the ``[IMG]`` states, the mapper, the losses. The model never
+tokenizes and holds no story: :class:`~storygptv.models.processing_storygptv.StoryGPTVProcessor` lays sequences
+out, and :class:`~storygptv.models.story_context.StoryContext` carries a story's cache from frame to frame.
 """
 
 import inspect
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    DynamicCache,
-    GenerationMixin,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
@@ -47,21 +37,16 @@ from ..loading import realign_cpu_tensors
 from .configuration_storygptv import StoryGPTVConfig
 from .grounding_head import StoryGroundingHead
 from .mapper import StoryLDMMapper
-from .story_inputs import (
-    StoryTokens,
-    add_story_special_tokens,
-    encode_caption,
-    history_segment,
-    target_segment,
-)
+from .story_inputs import StoryTokens, add_story_special_tokens
 
 __all__ = [
+    "IMG_ROWS_SUFFIX",
     "NextFrameOutput",
-    "StoryFrame",
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",
     "StoryGPTVPreTrainedModel",
-    "StoryState",
+    "cache_argument_name",
+    "output_cache",
 ]
 
 
@@ -76,14 +61,6 @@ def cache_argument_name(module: nn.Module) -> str:
     earlier 5.x releases only know ``past_key_values``. Asking the signature supports both.
     """
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside this module (the caller)."""
-    frame, level = inspect.currentframe(), 0
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def output_cache(output: Any) -> Any:
@@ -107,6 +84,7 @@ class StoryGPTVOutput(ModelOutput):
         conditioning: (B, ldm_seq_len, ldm_hidden_size) mapper output from the ``[IMG]`` tokens (None when the
             sequences hold no ``[IMG]`` tokens); a trainer can feed it to the frozen LDM for L_img.
         img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
+        img_input_embeds: (B, R, embed_dim) input embeddings at the ``[IMG]`` positions (the mapper reads the sum).
         character_logits: (B, len(grounding_characters)) from the grounding head, when the model has one.
         setting_logits: (B, len(grounding_settings)) from the grounding head, when it predicts settings.
         cache: the LLM key/value cache when ``use_cache`` (``past_key_values`` is a read-only alias).
@@ -120,6 +98,7 @@ class StoryGPTVOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     conditioning: torch.FloatTensor | None = None
     img_hidden_states: torch.FloatTensor | None = None
+    img_input_embeds: torch.FloatTensor | None = None
     character_logits: torch.FloatTensor | None = None
     setting_logits: torch.FloatTensor | None = None
     cache: Any = None
@@ -134,7 +113,7 @@ class StoryGPTVOutput(ModelOutput):
 
 @dataclass
 class NextFrameOutput(ModelOutput):
-    """What the LLM reads for the next frame (:meth:`StoryGPTVForConditionalGeneration.read_next_frame`).
+    """What the LLM reads for the next frame of a story (:meth:`~storygptv.models.story_context.StoryContext.read_next_frame`).
 
     Attributes:
         img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
@@ -147,69 +126,6 @@ class NextFrameOutput(ModelOutput):
     img_input_embeds: torch.FloatTensor | None = None
     character_logits: torch.FloatTensor | None = None
     setting_logits: torch.FloatTensor | None = None
-
-
-@dataclass
-class StoryFrame:
-    """A committed story frame kept in a :class:`StoryState` (for cache rebuilds).
-
-    Attributes:
-        caption_ids: caption token ids per batch element (equal lengths).
-        image_embeds: (B, vision_embed_dim) CLIP image embeddings of the frame.
-        index: position of the frame in the story (0-based).
-    """
-
-    caption_ids: list[list[int]]
-    image_embeds: torch.Tensor
-    index: int
-
-    def num_tokens(self, tokens: StoryTokens) -> int:
-        return tokens.history_length(len(self.caption_ids[0]))
-
-
-@dataclass
-class StoryState:
-    """Per-story state of the KV-cached conditioning API, carried from frame to frame.
-
-    Create it with :meth:`StoryGPTVForConditionalGeneration.start_story`; never share one between stories.
-
-    Attributes:
-        batch_size: stories processed in parallel (their captions must have equal token lengths).
-        context_window: keep only the last k committed frames in the LLM context (None: the whole story).
-        tokens: the layout token ids.
-        tokenizer: optional tokenizer, used when captions are passed as strings.
-        frames: the committed frames currently in the LLM context, oldest first.
-        cache: the ``DynamicCache`` over BOS + ``frames`` (None before the first LLM call).
-        cache_length: tokens in ``cache``.
-        num_frames_committed: frames appended so far (including those since dropped).
-        num_frames_dropped: frames that left the context (window or token budget).
-        budget_warned: whether the token-budget overflow warning was given (once per story).
-        num_rebuilds: times the cache was rebuilt from the retained frames.
-        llm_tokens_total: tokens the LLM has processed for this story (all calls, rebuilds included).
-        llm_tokens_per_frame: tokens the LLM processed for each committed frame: the frame's own
-            ``append_frame`` call plus every call made since the previous commit (conditioning, rebuilds).
-        last_call_tokens: tokens processed by the latest call.
-    """
-
-    batch_size: int
-    context_window: int | None
-    tokens: StoryTokens
-    tokenizer: Any = None
-    frames: list[StoryFrame] = field(default_factory=list)
-    cache: DynamicCache | None = None
-    cache_length: int = 0
-    num_frames_committed: int = 0
-    num_frames_dropped: int = 0
-    num_rebuilds: int = 0
-    llm_tokens_total: int = 0
-    llm_tokens_per_frame: list[int] = field(default_factory=list)
-    last_call_tokens: int = 0
-    budget_warned: bool = False
-    _pending_tokens: int = 0
-
-    def _count(self, n: int) -> None:
-        self.llm_tokens_total += n
-        self._pending_tokens += n
 
 
 class StoryGPTVPreTrainedModel(PreTrainedModel):
@@ -246,13 +162,13 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             (used by :meth:`from_language_model`; its weights are left untouched).
 
     Example:
+        >>> from storygptv.models.processing_storygptv import StoryGPTVProcessor
         >>> from storygptv.testing.story_model import tiny_story_model
         >>> model, tok = tiny_story_model()
-        >>> state = model.start_story(tokenizer=tok)  # the tokenizer only lets captions be passed as text
-        >>> cond = model.next_frame_conditioning(state, "Fred is in the yard.")
-        >>> cond.shape
-        torch.Size([1, 77, 32])
-        >>> model.append_frame(state, torch.randn(1, 32), "Fred is in the yard.")
+        >>> seq = StoryGPTVProcessor(tok).build_sequence(["Fred is in the yard."], "He waves.")
+        >>> out = model(input_ids=torch.tensor([seq.input_ids]), image_embeds=torch.randn(1, 32))
+        >>> out.conditioning.shape, out.img_hidden_states.shape
+        (torch.Size([1, 77, 32]), torch.Size([1, 8, 32]))
     """
 
     def __init__(self, config: StoryGPTVConfig, language_model: PreTrainedModel | None = None) -> None:
@@ -406,8 +322,18 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         head = self.get_output_embeddings()
         return head is not None and head.weight is not self.get_input_embeddings().weight
 
-    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
-        out = super().resize_token_embeddings(*args, **kwargs)
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs: Any
+    ) -> nn.Embedding:
+        """Resize the LLM vocabulary; refused (before anything changes) below the ``[IMG]`` / ``<|image|>`` ids."""
+        needed = [*(self.config.img_token_ids or []), self.config.image_token_id]
+        needed = [i for i in needed if i is not None]
+        if new_num_tokens is not None and needed and new_num_tokens <= max(needed):
+            raise ValueError(
+                f"`new_num_tokens` ({new_num_tokens}) would drop the story tokens: the [IMG] / <|image|> ids go up to "
+                f"{max(needed)}. Keep at least {max(needed) + 1} tokens."
+            )
+        out = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
         self._refresh_trainable_rows()
         return out
 
@@ -730,6 +656,10 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             raise ValueError("Pass `input_ids` (and optionally `inputs_embeds`).")
         if cache is None:
             cache = past_key_values
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         if self.training:
             self._ensure_trainable_rows()
         if inputs_embeds is None:
@@ -757,20 +687,24 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
             gen_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
-        conditioning = img_hidden = character_logits = setting_logits = None
+        conditioning = img_hidden = img_embeds = character_logits = setting_logits = None
         positions = self._img_positions(input_ids) if input_ids is not None else None
         if positions is not None:
             rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(-1)
-            img_hidden = hidden[rows, positions]
-            conditioning = self.map_img_tokens(
-                img_hidden, inputs_embeds[rows, positions], caption_conditioning
-            )
+            img_hidden, img_embeds = hidden[rows, positions], inputs_embeds[rows, positions]
             character_logits, setting_logits = self.ground(img_hidden)
+            # A caption-anchored mapper needs its anchor; without one (e.g. a story context reading the frame
+            # before it resolves the caption) the conditioning is left to the caller.
+            if caption_conditioning is not None or not self.ldm_mapper.anchored:
+                conditioning = self.map_img_tokens(img_hidden, img_embeds, caption_conditioning)
 
         align_loss = None
         if target_conditioning is not None:
             if conditioning is None:
-                raise ValueError("`target_conditioning` was given but `input_ids` hold no [IMG] tokens.")
+                raise ValueError(
+                    "`target_conditioning` was given but there is no conditioning to align: `input_ids` hold no "
+                    "[IMG] tokens, or a caption-anchored mapper got no `caption_conditioning`."
+                )
             align_loss = self.compute_align_loss(conditioning, target_conditioning, target_token_roles)
         grounding_loss = StoryGroundingHead.loss(
             character_logits, setting_logits, character_labels, setting_labels
@@ -794,6 +728,7 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             logits=logits,
             conditioning=conditioning,
             img_hidden_states=img_hidden,
+            img_input_embeds=img_embeds,
             character_logits=character_logits,
             setting_logits=setting_logits,
             cache=output_cache(out) if use_cache is not False else None,
@@ -811,290 +746,6 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["image_embeds"] = image_embeds
         return model_inputs
-
-    # ------------------------------------------------------------------ KV-cached story API
-    def start_story(
-        self, batch_size: int = 1, context_window: int | None = None, tokenizer: Any = None
-    ) -> StoryState:
-        """Start a story for :meth:`next_frame_conditioning` / :meth:`append_frame`.
-
-        Args:
-            batch_size: stories run in parallel (their captions must tokenise to equal lengths).
-            context_window: keep only the last k committed frames in the LLM context (the local causal window
-                of Causal-Story); None keeps the whole story (up to the token budget).
-            tokenizer: needed only to pass captions as strings, or when the config lacks the layout ids.
-        """
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if context_window is not None and context_window < 0:
-            raise ValueError(f"`context_window` must be None or >= 0, got {context_window}.")
-        try:
-            tokens = StoryTokens.from_config(self.config)
-        except ValueError:
-            if tokenizer is None:
-                raise
-            tokens = StoryTokens.from_tokenizer(
-                tokenizer, self.config.num_visual_tokens, self.config.num_img_tokens
-            )
-        return StoryState(
-            batch_size=batch_size, context_window=context_window, tokens=tokens, tokenizer=tokenizer
-        )
-
-    def _caption_batch(self, state: StoryState, caption_ids: Any) -> list[list[int]]:
-        """Normalise captions to ``batch_size`` lists of ids of equal length."""
-        B = state.batch_size
-        if isinstance(caption_ids, torch.Tensor):
-            caption_ids = caption_ids.tolist()
-            if caption_ids and not isinstance(caption_ids[0], list):
-                caption_ids = [caption_ids]
-        if isinstance(caption_ids, str) or (
-            isinstance(caption_ids, Sequence) and caption_ids and isinstance(caption_ids[0], str)
-        ):
-            if state.tokenizer is None:
-                raise ValueError("Captions given as text need `start_story(..., tokenizer=tok)`.")
-            texts = [caption_ids] if isinstance(caption_ids, str) else list(caption_ids)
-            caption_ids = [encode_caption(state.tokenizer, t) for t in texts]
-        elif not caption_ids or not isinstance(caption_ids[0], Sequence):
-            caption_ids = [list(caption_ids)]
-        batch = [[int(i) for i in ids] for ids in caption_ids]
-        if len(batch) == 1 and B > 1:
-            batch = batch * B
-        if len(batch) != B:
-            raise ValueError(f"Got captions for {len(batch)} stories but the state has batch_size {B}.")
-        lengths = {len(ids) for ids in batch}
-        if len(lengths) != 1:
-            raise ValueError(
-                f"Batched captions must have equal token lengths, got {sorted(len(ids) for ids in batch)}."
-            )
-        return batch
-
-    def _run_cached(
-        self, state: StoryState, input_ids: torch.Tensor, image_embeds: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``input_ids`` (B, L) on top of ``state.cache`` and grow it; returns (last hidden, input embeds)."""
-        device = self.get_input_embeddings().weight.device
-        input_ids = input_ids.to(device)
-        embeds = self.embed_inputs(input_ids, image_embeds)
-        L = input_ids.shape[1]
-        if state.cache is None:
-            state.cache = DynamicCache(config=self.config.text_config)
-        position_ids = torch.arange(state.cache_length, state.cache_length + L, device=device)
-        position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
-        body = self._llm_body()
-        out = body(
-            inputs_embeds=embeds,
-            position_ids=position_ids,
-            use_cache=True,
-            return_dict=True,
-            **{cache_argument_name(body): state.cache},
-        )
-        state.cache = output_cache(out)
-        state.cache_length += L
-        state._count(L)
-        return out.last_hidden_state, embeds
-
-    def _rebuild_cache(self, state: StoryState) -> None:
-        """Re-encode BOS + the retained frames from scratch (after the window slid or frames were dropped)."""
-        state.cache, state.cache_length = None, 0
-        ids, embeds = list(state.tokens.bos_ids), []
-        rows: list[list[int]] = [list(ids) for _ in range(state.batch_size)]
-        for frame in state.frames:
-            for b in range(state.batch_size):
-                rows[b] += history_segment(state.tokens, frame.caption_ids[b]).input_ids
-            embeds.append(frame.image_embeds)
-        state.num_rebuilds += 1
-        if not rows[0]:
-            return
-        image_embeds = (
-            torch.stack(embeds, 1).flatten(0, 1) if embeds else None
-        )  # (B * n_frames, D), row-major
-        self._run_cached(state, torch.tensor(rows), image_embeds)
-
-    def _ensure_started(self, state: StoryState) -> None:
-        if state.cache is None and state.cache_length == 0 and state.tokens.bos_ids and not state.frames:
-            bos = torch.tensor([state.tokens.bos_ids] * state.batch_size)
-            self._run_cached(state, bos, None)
-
-    def _trim_to_budget(
-        self, state: StoryState, frames: list[StoryFrame], extra_tokens: int, what: str
-    ) -> list[StoryFrame]:
-        """The newest of ``frames`` that fit the token budget together with BOS and ``extra_tokens``.
-
-        When they do not fit, a whole block of the oldest frames is dropped at once, down to half the budget:
-        the caller then rebuilds the cache once for that block instead of on every following frame (a story
-        that outgrows the budget costs one rebuild per half-budget of frames, not one per frame). The first
-        overflow of a story warns; later ones are counted in ``state.num_frames_dropped``.
-        """
-        budget = self.config.context_token_budget
-        total = len(state.tokens.bos_ids) + sum(f.num_tokens(state.tokens) for f in frames)
-        if budget is None or total + extra_tokens <= budget:
-            return frames
-        kept = list(frames)
-        while kept and total + extra_tokens > budget // 2:
-            total -= kept.pop(0).num_tokens(state.tokens)
-        if total + extra_tokens > budget:
-            raise ValueError(
-                f"The {what} ({extra_tokens} tokens) does not fit the LLM budget of {budget} tokens even with an "
-                "empty context."
-            )
-        dropped = len(frames) - len(kept)
-        if not state.budget_warned:
-            warnings.warn(
-                f"Story context exceeds the LLM budget of {budget} tokens (max_context_tokens): dropping the "
-                f"{dropped} oldest frame(s) and rebuilding the cache ({len(kept)} frame(s) kept). From now on, "
-                "each time the context fills up the oldest frames are dropped down to half the budget (no "
-                "further warning; see `num_frames_dropped`).",
-                stacklevel=_caller_stacklevel(),
-            )
-            state.budget_warned = True
-        state.num_frames_dropped += dropped
-        return kept
-
-    def _fit_budget(self, state: StoryState, extra_tokens: int, what: str) -> None:
-        """Drop the oldest frames (and rebuild) until ``cache_length + extra_tokens`` fits the token budget."""
-        kept = self._trim_to_budget(state, state.frames, extra_tokens, what)
-        if len(kept) != len(state.frames):
-            state.frames = kept
-            self._rebuild_cache(state)
-
-    def next_frame_conditioning(
-        self, state: StoryState, caption_ids: Any, caption_conditioning: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """LDM conditioning of the next frame, given the committed story context (the state is not committed).
-
-        Runs ``" Caption: c Image:" + [IMG0..R-1]`` on top of the cached context, reads the ``[IMG]`` hidden
-        states, maps them and crops the cache back. A caption too long for the token budget is truncated (with
-        a warning) before the ``[IMG]`` ids; a context too long loses its oldest frames (with a warning).
-
-        Args:
-            state: from :meth:`start_story`.
-            caption_ids: the caption as token ids (from :func:`~storygptv.models.story_inputs.encode_caption`):
-                a list of ints (batch 1, or shared by the batch), a list of lists / (B, L) tensor; or text / a list
-                of texts when the state holds a tokenizer.
-            caption_conditioning: the anchor of a caption-anchored mapper (the caption's Char-LDM encoding).
-
-        Returns:
-            (B, ldm_seq_len, ldm_hidden_size) conditioning in the mapper's dtype.
-        """
-        reading = self.read_next_frame(state, caption_ids)
-        with torch.no_grad():
-            return self.map_img_tokens(
-                reading.img_hidden_states, reading.img_input_embeds, caption_conditioning
-            )
-
-    def read_next_frame(self, state: StoryState, caption_ids: Any) -> NextFrameOutput:
-        """Run the LLM for the next frame (as :meth:`next_frame_conditioning`) without mapping its states.
-
-        Returns the ``[IMG]`` hidden states and input embeddings, and the grounding logits when the model has a
-        grounding head, so a caller can resolve the frame's characters before it builds the mapper's anchor.
-        """
-        with torch.no_grad():
-            hidden, embeds = self._read_next_frame(state, caption_ids)
-            character_logits, setting_logits = self.ground(hidden)
-        return NextFrameOutput(
-            img_hidden_states=hidden,
-            img_input_embeds=embeds,
-            character_logits=character_logits,
-            setting_logits=setting_logits,
-        )
-
-    def _read_next_frame(self, state: StoryState, caption_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        before = state.llm_tokens_total
-        captions = self._caption_batch(state, caption_ids)
-        tokens = state.tokens
-        budget = self.config.context_token_budget
-        if budget is not None:
-            room = budget - len(tokens.bos_ids) - tokens.target_overhead()
-            if room < 0:
-                raise ValueError(f"The LLM budget of {budget} tokens cannot hold a target segment.")
-            if len(captions[0]) > room:
-                warnings.warn(
-                    f"Caption of {len(captions[0])} tokens truncated to {room} to fit the LLM budget of {budget}.",
-                    stacklevel=_caller_stacklevel(),
-                )
-                captions = [c[:room] for c in captions]
-        segments = [target_segment(tokens, c) for c in captions]
-        L = len(segments[0])
-        self._ensure_started(state)
-        self._fit_budget(state, L, "target segment")
-        committed = state.cache_length
-        ids = torch.tensor([s.input_ids for s in segments])
-        hidden, embeds = self._run_cached(state, ids, None)
-        R = len(tokens.img_token_ids)
-        state.cache.crop(committed - state.cache_length)
-        state.cache_length = committed
-        state.last_call_tokens = state.llm_tokens_total - before
-        return hidden[:, -R:], embeds[:, -R:]
-
-    def append_frame(self, state: StoryState, image_embeds: torch.Tensor, caption_ids: Any) -> None:
-        """Commit ``"Image:" + m visual tokens + " Caption: c"`` of a finished frame to the story context.
-
-        Args:
-            state: from :meth:`start_story`.
-            image_embeds: (B, vision_embed_dim) CLIP embeddings of the frame's (generated) images
-                ((vision_embed_dim,) is accepted for B = 1).
-            caption_ids: as in :meth:`next_frame_conditioning` (use the same caption).
-        """
-        with torch.no_grad():
-            self._append_frame(state, image_embeds, caption_ids)
-
-    def _append_frame(self, state: StoryState, image_embeds: torch.Tensor, caption_ids: Any) -> None:
-        captions = self._caption_batch(state, caption_ids)
-        if image_embeds.ndim == 1:
-            image_embeds = image_embeds.unsqueeze(0)
-        if image_embeds.shape != (state.batch_size, self.config.vision_embed_dim):
-            raise ValueError(
-                f"`image_embeds` must have shape ({state.batch_size}, {self.config.vision_embed_dim}), got "
-                f"{tuple(image_embeds.shape)}."
-            )
-        frame = StoryFrame(captions, image_embeds.detach(), state.num_frames_committed)
-        before = state.llm_tokens_total
-        self._ensure_started(state)
-        state.num_frames_committed += 1
-        if state.context_window is not None and len(state.frames) >= state.context_window:
-            # The window slides: re-encode the retained frames (k of them at most, whatever the story length).
-            frames = [*state.frames, frame]
-            keep = frames[len(frames) - state.context_window :] if state.context_window > 0 else []
-            state.num_frames_dropped += len(frames) - len(keep)
-            state.frames = self._trim_to_budget(state, keep, 0, "context window")
-            self._rebuild_cache(state)
-        else:
-            seg_len = frame.num_tokens(state.tokens)
-            self._fit_budget(state, seg_len, "frame")
-            state.frames.append(frame)
-            ids = torch.tensor([history_segment(state.tokens, c).input_ids for c in captions])
-            self._run_cached(state, ids, image_embeds)
-        state.last_call_tokens = state.llm_tokens_total - before
-        state.llm_tokens_per_frame.append(state._pending_tokens)
-        state._pending_tokens = 0
-
-    @torch.no_grad()
-    def story_conditioning(
-        self,
-        context_caption_ids: Sequence[Any],
-        context_image_embeds: torch.Tensor | None,
-        target_caption_ids: Any,
-        caption_conditioning: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Reference (no-cache) conditioning: one forward pass over the full sequence (batch 1).
-
-        ``context_image_embeds`` is (n_frames, vision_embed_dim); ``caption_conditioning`` is the anchor of a
-        caption-anchored mapper. Equals the cached path (tests check it).
-        """
-        tokens = StoryTokens.from_config(self.config)
-        ids = list(tokens.bos_ids)
-        for cap in context_caption_ids:
-            ids += history_segment(tokens, cap).input_ids
-        ids += target_segment(tokens, target_caption_ids).input_ids
-        device = self.get_input_embeddings().weight.device
-        out = self(
-            input_ids=torch.tensor([ids], device=device),
-            image_embeds=context_image_embeds,
-            caption_conditioning=caption_conditioning,
-            use_cache=False,
-            compute_logits=False,
-        )
-        return out.conditioning
 
 
 AutoConfig.register("storygptv", StoryGPTVConfig, exist_ok=True)

@@ -148,7 +148,7 @@ class StoryTokens:
         if missing:
             raise ValueError(
                 f"The config lacks {missing}; build the model with `from_language_model(...)`, or pass the "
-                "tokenizer (e.g. `model.start_story(tokenizer=tok)`) so the ids can be read from it."
+                "tokenizer through a processor (e.g. `StoryContext(model, StoryGPTVProcessor(tok))`) so the ids can be read from it."
             )
         return cls(
             image_token_id=config.image_token_id,

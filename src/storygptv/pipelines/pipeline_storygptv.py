@@ -10,19 +10,27 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTrainedTokenizerBase
 
-from ..characters import find_character_mentions, normalize_characters
+from ..characters import find_character_mentions
 from ..grounding import ground_caption, named_setting
-from ..models.fuser import CharacterFuser, preprocess_reference_images
+from ..models.fuser import CharacterFuser, normalize_character_embeds, preprocess_reference_images
 from ..models.modeling_storygptv import StoryGPTVForConditionalGeneration
-from .pipeline_char_ldm import CharLDMPipeline
+from ..models.processing_storygptv import StoryGPTVProcessor
+from ..models.story_context import StoryContext
+from .char_ldm_mixin import CharLDMMixin
 
-__all__ = ["GROUNDING_MODES", "StoryGPTVPipeline", "StoryGPTVPipelineOutput", "encode_story_images"]
+__all__ = [
+    "GROUNDING_MODES",
+    "FrameConditioning",
+    "StoryGPTVPipeline",
+    "StoryGPTVPipelineOutput",
+    "encode_story_images",
+]
 
 #: Values of the pipeline's ``grounding`` argument.
 GROUNDING_MODES: tuple[str, ...] = ("none", "fuse")
@@ -31,17 +39,21 @@ EXAMPLE_DOC_STRING = """
     Examples:
         ```py
         >>> import torch
+        >>> import storygptv
         >>> from storygptv import StoryGPTVPipeline
         >>> from storygptv.data.synthsv import reference_images
 
-        >>> pipe = StoryGPTVPipeline.from_pretrained("path/or/hub-id")
+        >>> pipe = StoryGPTVPipeline.from_pretrained(storygptv.DEFAULT_MODEL)
         >>> refs = reference_images()
         >>> story = pipe(
         ...     ["Ava and Bo are standing in the forest.", "They are jumping.", "Ava is waving."],
         ...     characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
         ...     generator=torch.Generator().manual_seed(42),
         ... )
-        >>> story.images[1].save("frame_2.png")
+        >>> story.captions[1]  # what the story model resolved "They" (and the setting) to
+        'Ava and Bo are jumping in the forest.'
+        >>> more = pipe(["They are sitting."], characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
+        ...             story_context=story.story_context)  # continue the same story
         ```
 """
 
@@ -54,14 +66,16 @@ class StoryGPTVPipelineOutput(BaseOutput):
         images: one image per caption: a list of PIL images, a numpy array (N, H, W, 3), a tensor
             (N, 3, H, W), or latents (N, C, h, w), following ``output_type``.
         conditionings: with ``return_conditioning=True``, the UNet conditioning of each frame after the
-            merge step, (N, seq_len, dim): the fused caption embedding for frame 1, the mapped LLM
-            output for later frames.
+            merge step, (N, seq_len, dim): the fused caption embedding for the first frame of a story, the
+            story model's conditioning for later frames.
         characters: per frame, the characters it was drawn with: those its caption names, plus, with
             ``grounding="fuse"``, those the story model resolved for its pronouns. Without ``"fuse"``, a
             model with a grounding head reports what it predicted (the conditioning does not use it).
         settings: per frame, the setting named in the drawn caption (or predicted, see ``characters``), or None.
         captions: the captions the frames were drawn from: the story's, with ``grounding="fuse"`` grounded
             ("They are jumping." -> "Ava and Bo are jumping in the forest.").
+        story_context: the :class:`~storygptv.models.story_context.StoryContext` after the last frame (its
+            frames, KV cache and counters); pass it as ``story_context`` to continue the story.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -69,6 +83,27 @@ class StoryGPTVPipelineOutput(BaseOutput):
     characters: list[list[str]] | None = None
     settings: list[str | None] | None = None
     captions: list[str] | None = None
+    story_context: StoryContext | None = None
+
+
+@dataclass
+class FrameConditioning:
+    """What one frame of a story is denoised with (:meth:`StoryGPTVPipeline.frame_conditioning`).
+
+    Attributes:
+        caption: the caption drawn (the story's, grounded with ``grounding="fuse"``).
+        characters: the characters drawn (see :class:`StoryGPTVPipelineOutput`); setting: likewise.
+        text_embeds: the plain caption embedding of the steps before ``merge_step``.
+        conditioning: the conditioning from ``merge_step`` on.
+        merge_step: the first denoising step that uses ``conditioning``.
+    """
+
+    caption: str
+    characters: list[str]
+    setting: str | None
+    text_embeds: torch.Tensor
+    conditioning: torch.Tensor
+    merge_step: int
 
 
 def encode_story_images(
@@ -85,19 +120,21 @@ def encode_story_images(
     return image_encoder.vision_model(pixel_values=pixel_values).pooler_output
 
 
-class StoryGPTVPipeline(CharLDMPipeline):
+class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
     r"""Story visualisation with StoryGPT-V (arXiv 2312.02252).
 
-    Frame 1 comes from Char-LDM (the caption with the characters' reference images fused in). Every
-    later frame is conditioned on the output of the story LLM, which reads the frames generated so far
-    (each as ``num_visual_tokens`` CLIP tokens, before its caption), then the current caption, and
-    emits the ``[IMG]`` tokens whose hidden states the LDM mapper turns into the UNet conditioning. The
-    LLM resolves pronouns ("They start to argue.") from this context. Its key/value cache is carried
-    from frame to frame, so the LLM work per frame does not grow with the story.
+    The first frame of a story comes from Char-LDM (the caption with the characters' reference images fused
+    in). Every later frame is conditioned by the story model, which reads the frames generated so far (each
+    as ``num_visual_tokens`` CLIP tokens, before its caption), then the current caption, and emits the
+    ``[IMG]`` tokens whose hidden states the LDM mapper turns into the UNet conditioning. A model with a
+    grounding head also says which characters (and setting) the frame shows, and with ``grounding="fuse"``
+    their names and reference images are written into the caption. The story model's key/value cache is
+    carried from frame to frame in a :class:`~storygptv.models.story_context.StoryContext`, so its work per
+    frame does not grow with the story.
 
     Args:
         vae, text_encoder, tokenizer, unet, scheduler, image_encoder, fuser, feature_extractor: the
-            Char-LDM components (see :class:`CharLDMPipeline`).
+            Char-LDM components (see :class:`~storygptv.pipelines.pipeline_char_ldm.CharLDMPipeline`).
         story_model: the :class:`StoryGPTVForConditionalGeneration` (LLM, visual projection, mapper).
         story_tokenizer: the LLM's tokenizer with the ``<|image|>`` and ``[IMG]`` tokens.
     """
@@ -118,7 +155,8 @@ class StoryGPTVPipeline(CharLDMPipeline):
         story_tokenizer: PreTrainedTokenizerBase,
         feature_extractor: Any = None,
     ):
-        super().__init__(
+        super().__init__()
+        self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -127,20 +165,28 @@ class StoryGPTVPipeline(CharLDMPipeline):
             image_encoder=image_encoder,
             fuser=fuser,
             feature_extractor=feature_extractor,
+            story_model=story_model,
+            story_tokenizer=story_tokenizer,
         )
-        self.register_modules(story_model=story_model, story_tokenizer=story_tokenizer)
+        self._init_image_processing()
 
+    # ------------------------------------------------------------------ per-call properties
     @property
     def current_frame(self) -> int:
         """Index of the frame being generated (for step callbacks)."""
         return getattr(self, "_current_frame", 0)
 
     @property
-    def story_state(self) -> Any:
-        """The story model's state of the current (or last) story: its KV cache, retained frames and
-        token counters (e.g. ``llm_tokens_total``)."""
-        return getattr(self, "_story_state", None)
+    def story_context(self) -> StoryContext | None:
+        """The story context of the call in progress (for callbacks); None outside a call."""
+        return getattr(self, "_story_context", None)
 
+    @property
+    def story_processor(self) -> StoryGPTVProcessor:
+        """The processor (story tokenizer + layout) of ``story_model``."""
+        return StoryGPTVProcessor.from_story_model_config(self.story_tokenizer, self.story_model.config)
+
+    # ------------------------------------------------------------------ checks
     def resolve_grounding(self, grounding: str | None) -> str:
         """The grounding mode of a call: ``grounding``, or by default ``"fuse"`` when the story model has a
         grounding head and ``"none"`` otherwise. Raises a ``ValueError`` naming the fix for a bad value."""
@@ -159,20 +205,147 @@ class StoryGPTVPipeline(CharLDMPipeline):
             )
         return grounding
 
-    def _check_story(self, captions: Any, context_window: int | None) -> list[str]:
+    def check_story(
+        self, captions: Any, context_window: Any, story_context: StoryContext | None
+    ) -> list[str]:
+        """Validate the story arguments; returns the captions as a list."""
         if isinstance(captions, str):
             raise TypeError(
                 "`captions` is a single string; pass the story as a list of captions, one per frame."
             )
-        captions = self._as_prompt_list(captions, name="captions")
+        captions = self.as_prompt_list(captions, name="captions")
         if context_window is not None and (
             isinstance(context_window, bool) or not isinstance(context_window, int) or context_window < 1
         ):
             raise ValueError(
                 f"`context_window` must be None (the whole story) or an integer >= 1, got {context_window!r}."
             )
+        if story_context is not None:
+            if not isinstance(story_context, StoryContext):
+                raise TypeError(
+                    f"`story_context` must be the StoryContext of an earlier call (`output.story_context`), got "
+                    f"{type(story_context).__name__}."
+                )
+            if story_context.model is not self.story_model:
+                raise ValueError(
+                    "`story_context` belongs to another story model; continue it with its own pipeline."
+                )
+            if context_window is not None:
+                raise ValueError(
+                    "`context_window` is set when the story starts; the given `story_context` has its own."
+                )
         return captions
 
+    def check_frame_latents(
+        self, latents: Any, num_frames: int, height: int, width: int
+    ) -> list[torch.Tensor | None]:
+        """``latents`` (one (C, h, w) noise per frame, as a (N, C, h, w) tensor or a list) split per frame."""
+        if latents is None:
+            return [None] * num_frames
+        shape = self.latent_shape(1, height, width)[1:]
+        frames = list(latents) if isinstance(latents, list | tuple) else list(latents.unbind(0))
+        if len(frames) != num_frames or any(
+            tuple(f.shape[-3:]) != shape or f.dim() not in (3, 4) for f in frames
+        ):
+            got = (
+                [tuple(f.shape) for f in frames]
+                if isinstance(latents, list | tuple)
+                else tuple(latents.shape)
+            )
+            raise ValueError(
+                f"`latents` must hold one noise of shape {shape} per frame ({num_frames} frames), got {got}."
+            )
+        return [f.reshape(1, *shape) for f in frames]
+
+    # ------------------------------------------------------------------ one frame's conditioning
+    def frame_conditioning(
+        self,
+        context: StoryContext,
+        caption: str,
+        character_embeds: Mapping[str, torch.Tensor],
+        grounding: str,
+        start_merge_step: int,
+        max_characters: int | None,
+        device: torch.device,
+    ) -> FrameConditioning:
+        """The conditioning of the next frame of ``context``.
+
+        The first frame of a story is Char-LDM's (the caption with the cast fused in). A later frame: the story
+        model reads the context and the caption; with ``grounding="fuse"`` the characters and setting it
+        resolves are written into the caption; the caption's Char-LDM encoding is then the anchor of a
+        caption-anchored mapper, or (for a learned-query mapper with ``"fuse"``) the conditioning itself, and
+        otherwise the mapper's output is. A frame whose drawn caption names no character of the cast uses the
+        story conditioning from step 0.
+        """
+        config = self.story_model.config
+        known_settings = list(config.grounding_settings or [])
+        reading = predicted = predicted_setting = None
+        if context.num_frames_committed > 0:
+            reading = context.read_next_frame(caption)
+            if reading.character_logits is not None:
+                predicted = self.story_model.grounded_characters(reading.character_logits)[0]
+            if reading.setting_logits is not None:
+                predicted_setting = self.story_model.grounded_settings(reading.setting_logits)[0]
+        drawn = caption
+        if grounding == "fuse" and reading is not None:
+            drawn = ground_caption(caption, predicted or [], predicted_setting, known_settings)
+        # Names past the token limit or past `max_characters` warn, as in Char-LDM; cast members a frame does
+        # not name are normal in a story and do not.
+        encoded = self.encode_fused(
+            drawn,
+            max_characters=max_characters,
+            device=device,
+            warn_absent=False,
+            character_embeds=character_embeds,
+        )
+        if reading is None:
+            conditioning, merge_step = encoded.prompt_embeds, start_merge_step
+        else:
+            if config.mapper_queries == "caption":
+                conditioning = self.story_model.map_img_tokens(
+                    reading.img_hidden_states, reading.img_input_embeds, encoded.prompt_embeds
+                )
+            elif grounding == "fuse":
+                conditioning = encoded.prompt_embeds
+            else:
+                conditioning = self.story_model.map_img_tokens(
+                    reading.img_hidden_states, reading.img_input_embeds
+                )
+            names_characters = bool(character_embeds) and bool(
+                find_character_mentions(drawn, character_embeds)
+            )
+            merge_step = start_merge_step if names_characters else 0
+        known_names = list(dict.fromkeys([*character_embeds, *(config.grounding_characters or [])]))
+        characters = [m.name for m in find_character_mentions(drawn, known_names)]
+        setting = named_setting(drawn, known_settings) if known_settings else None
+        if grounding == "none" and reading is not None:
+            characters = predicted if predicted is not None else characters
+            setting = predicted_setting
+        return FrameConditioning(
+            caption=drawn,
+            characters=characters,
+            setting=setting,
+            text_embeds=encoded.text_embeds,
+            conditioning=conditioning.to(device=device, dtype=encoded.text_embeds.dtype),
+            merge_step=merge_step,
+        )
+
+    def _warn_unused_cast(self, cast: Mapping[str, Any], captions: list[str], grounding: str) -> None:
+        # With grounding="fuse", a character the story model knows can enter a frame through a pronoun.
+        resolvable = set(self.story_model.config.grounding_characters or []) if grounding == "fuse" else set()
+        unused = [
+            name
+            for name in cast
+            if name not in resolvable and not any(find_character_mentions(c, [name]) for c in captions)
+        ]
+        if unused:
+            warnings.warn(
+                f"Characters {unused} are not named in any caption of the story; their reference images are "
+                "ignored.",
+                stacklevel=4,  # _warn_unused_cast < __call__ < no_grad wrapper < the caller
+            )
+
+    # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
         self,
@@ -184,6 +357,9 @@ class StoryGPTVPipeline(CharLDMPipeline):
         num_inference_steps: int = 30,
         guidance_scale: float = 5.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
+        character_embeds: Mapping[str, torch.Tensor] | None = None,
+        story_context: StoryContext | None = None,
         context_window: int | None = None,
         start_merge_step: int | None = None,
         max_characters: int | None = None,
@@ -207,14 +383,19 @@ class StoryGPTVPipeline(CharLDMPipeline):
             num_inference_steps: denoising steps per frame (30 in the paper).
             guidance_scale: classifier-free guidance weight (5 in the paper).
             generator: a ``torch.Generator`` used for every frame in turn, or one generator per frame.
+            latents: the initial noise of every frame, (N, C, h, w) or a list of N tensors, instead of sampling.
+            character_embeds: the cast as precomputed ``{name: image embedding}`` (:meth:`encode_characters`)
+                instead of ``characters``; the frames are the same.
+            story_context: the ``output.story_context`` of an earlier call, to continue that story (its frames
+                stay in the story model's context; the first caption here is then not a first frame).
             context_window: keep only the last ``k`` frames in the LLM context (the local causal window of
-                Causal-Story); ``None`` keeps the whole story (cut to the most recent frames, with a
-                warning, if it outgrows the LLM's token budget).
-            start_merge_step: the first denoising step that uses the fused / LLM conditioning; earlier
-                steps use the plain caption embedding. ``None`` means ``num_inference_steps // 2``. Frames
-                after the first whose caption names no character of ``characters`` (pronoun-only captions)
-                use the LLM conditioning from step 0, as in the paper.
-            max_characters: most characters fused per caption for frame 1 (default: the fuser's).
+                Causal-Story); ``None`` keeps the whole story (when it outgrows the LLM's token budget, a
+                block of the oldest frames is dropped, with one warning).
+            start_merge_step: the first denoising step that uses the fused / story conditioning; earlier
+                steps use the plain caption embedding. ``None`` means ``num_inference_steps // 2``. Later frames
+                whose drawn caption names no character of the cast use the story conditioning from step 0, as
+                in the paper.
+            max_characters: most characters fused per caption (default: the fuser's).
             grounding: how frames after the first use the story model's grounding head. ``"fuse"``: the
                 characters it resolves for a caption's pronouns, and the setting it resolves when the caption
                 names none, are written into the caption ("They are jumping." -> "Ava and Bo are jumping in the
@@ -228,6 +409,7 @@ class StoryGPTVPipeline(CharLDMPipeline):
             cross_attention_kwargs: passed to the UNet's attention processors.
             callback_on_step_end: called after every denoising step of every frame as
                 ``callback(pipe, step, timestep, callback_kwargs)``; ``pipe.current_frame`` tells the frame.
+                What it changes (its returned tensors, ``pipe._guidance_scale``) lasts for that frame only.
             callback_on_step_end_tensor_inputs: tensors the callback receives (default ``["latents"]``).
             callback_on_frame_end: called as ``callback(pipe, frame_index, image)`` with each finished frame as a
                 PIL image, e.g. to save frames of a long story as they come.
@@ -235,7 +417,8 @@ class StoryGPTVPipeline(CharLDMPipeline):
         Returns:
             :class:`StoryGPTVPipelineOutput`, or ``(images, conditionings)`` when ``return_dict=False``.
         """
-        captions = self._check_story(captions, context_window)
+        # 1. Check inputs and set the call's parameters
+        captions = self.check_story(captions, context_window, story_context)
         grounding = self.resolve_grounding(grounding)
         height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(
             height,
@@ -249,137 +432,100 @@ class StoryGPTVPipeline(CharLDMPipeline):
             callback_on_step_end_tensor_inputs,
         )
         self.check_generator(generator, len(captions), "frames")
-        if characters is not None and not isinstance(characters, Mapping):
-            raise TypeError(
-                f"`characters` has type {type(characters).__name__}; pass a dict {{name: reference image}} "
-                "for the story's cast, or None."
-            )
-        # Read every reference image before any long work starts.
-        cast = normalize_characters(characters, 1)[0]
-        # With grounding="fuse", a character the story model knows can enter a frame through a pronoun.
-        resolvable = set(self.story_model.config.grounding_characters or []) if grounding == "fuse" else set()
-        unused = [
-            name
-            for name in cast
-            if name not in resolvable and not any(find_character_mentions(c, [name]) for c in captions)
-        ]
-        if unused:
-            warnings.warn(
-                f"Characters {unused} are not named in any caption of the story; their reference images are "
-                "ignored.",
-                stacklevel=2,
-            )
+        frame_latents = self.check_frame_latents(latents, len(captions), height, width)
+        if characters is not None and character_embeds is not None:
+            raise ValueError("Pass either `characters` (reference images) or `character_embeds`, not both.")
         device = self._execution_device
 
+        # 2. Encode the cast once for the whole story (reference images are read before any long work)
+        if character_embeds is None:
+            character_embeds = self.encode_characters(characters, device)
+        else:
+            if not isinstance(character_embeds, Mapping):
+                raise TypeError(
+                    f"`character_embeds` has type {type(character_embeds).__name__}; pass the dict of "
+                    "`pipe.encode_characters(characters)`."
+                )
+            character_embeds = normalize_character_embeds(character_embeds, 1)[0]
+        self._warn_unused_cast(character_embeds, captions, grounding)
+
+        # 3. Encode the negative prompt
         negative = (
             self.encode_negative(negative_prompt, 1, device) if self.do_classifier_free_guidance else None
         )
-        state = self.story_model.start_story(
-            batch_size=1, context_window=context_window, tokenizer=self.story_tokenizer
+
+        # 4. Start the story context (or continue the given one)
+        context = story_context or StoryContext(
+            self.story_model, self.story_processor, context_window=context_window
         )
-        self._story_state = state
-        config = self.story_model.config
-        known_names = list(dict.fromkeys([*cast, *(config.grounding_characters or [])]))
-        known_settings = list(config.grounding_settings or [])
-        anchored = config.mapper_queries == "caption"
-        frames: list[torch.Tensor] = []
-        latents_out: list[torch.Tensor] = []
-        conditionings: list[torch.Tensor] = []
-        drawn_captions: list[str] = []
-        frame_characters: list[list[str]] = []
-        frame_settings: list[str | None] = []
+        self._story_context = context
+
+        # 5. Each frame: conditioning -> latents -> denoise -> decode -> commit to the story context
+        images, drawn = [], []
         for index in self.progress_bar(range(len(captions))):
             self._current_frame = index
-            caption = captions[index]
-            reading = predicted = predicted_setting = None
-            if index > 0:
-                reading = self.story_model.read_next_frame(state, caption)
-                if reading.character_logits is not None:
-                    predicted = self.story_model.grounded_characters(reading.character_logits)[0]
-                if reading.setting_logits is not None:
-                    predicted_setting = self.story_model.grounded_settings(reading.setting_logits)[0]
-            drawn = caption
-            if grounding == "fuse" and reading is not None:
-                drawn = ground_caption(caption, predicted or [], predicted_setting, known_settings)
-            # Characters a caption names past the token limit or past `max_characters` warn, as in Char-LDM;
-            # cast members a frame does not name are normal in a story and do not.
-            encoded = self.encode_fused(
-                drawn, cast, max_characters=max_characters, device=device, warn=True, warn_absent=False
-            )
-            if reading is None:
-                conditioning, merge_step = encoded.prompt_embeds, start_merge_step
-            else:
-                if anchored:
-                    conditioning = self.story_model.map_img_tokens(
-                        reading.img_hidden_states, reading.img_input_embeds, encoded.prompt_embeds
-                    )
-                elif grounding == "fuse":
-                    conditioning = encoded.prompt_embeds
-                else:
-                    conditioning = self.story_model.map_img_tokens(
-                        reading.img_hidden_states, reading.img_input_embeds
-                    )
-                names_characters = bool(cast) and bool(find_character_mentions(drawn, cast))
-                merge_step = start_merge_step if names_characters else 0
-            conditioning = conditioning.to(device=device, dtype=encoded.text_embeds.dtype)
-            drawn_captions.append(drawn)
-            named = [m.name for m in find_character_mentions(drawn, known_names)]
-            if grounding == "none" and predicted is not None:
-                named = predicted
-            frame_characters.append(named)
-            setting = named_setting(drawn, known_settings) if known_settings else None
-            frame_settings.append(
-                predicted_setting if grounding == "none" and reading is not None else setting
+            self._guidance_scale = guidance_scale  # what a step callback changed lasts one frame
+            frame = self.frame_conditioning(
+                context,
+                captions[index],
+                character_embeds,
+                grounding,
+                start_merge_step,
+                max_characters,
+                device,
             )
             frame_generator = generator[index] if isinstance(generator, list) else generator
-            latents = self.prepare_latents(
-                1, self.unet.config.in_channels, height, width, conditioning.dtype, device, frame_generator
+            frame_noise = self.prepare_latents(
+                1,
+                self.unet.config.in_channels,
+                height,
+                width,
+                frame.conditioning.dtype,
+                device,
+                frame_generator,
+                frame_latents[index],
             )
-            latents = self.denoise(
-                latents,
-                encoded.text_embeds,
-                conditioning,
+            frame_latent = self.denoise(
+                frame_noise,
+                frame.text_embeds,
+                frame.conditioning,
                 negative,
                 num_inference_steps,
-                merge_step,
+                frame.merge_step,
                 device,
                 callback_on_step_end,
                 callback_on_step_end_tensor_inputs,
                 show_progress=False,
             )
-            image = self.decode_latents(latents, "pt")  # (1, 3, H, W) in [0, 1]
+            image = self.decode_latents(frame_latent, "pt")  # (1, 3, H, W) in [0, 1]
             pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(image))
-            if index + 1 < len(captions):
-                # The generated frame, not a ground-truth one, becomes the next frames' visual context.
-                embeds = encode_story_images(pil, self.image_encoder, self.feature_extractor)
-                self.story_model.append_frame(state, embeds.to(self.story_model.dtype), caption)
+            # The generated frame, not a ground-truth one, becomes the next frames' visual context.
+            embeds = encode_story_images(pil, self.image_encoder, self.feature_extractor)
+            context.append_frame(embeds.to(self.story_model.dtype), captions[index])
             if callback_on_frame_end is not None:
                 callback_on_frame_end(self, index, pil[0])
-            frames.append(image)
-            latents_out.append(latents)
-            if return_conditioning:
-                conditionings.append(conditioning[0])
+            images.append(frame_latent if output_type == "latent" else image)
+            drawn.append(frame)
 
+        # 6. Post-process and return
+        self._guidance_scale = guidance_scale
+        self._story_context = None
         self.maybe_free_model_hooks()
-        if output_type == "latent":
-            images: Any = torch.cat(latents_out)
-        else:
-            stacked = torch.cat(frames)
-            if output_type == "pt":
-                images = stacked
-            else:
-                images = self.image_processor.pt_to_numpy(stacked)
-                if output_type == "pil":
-                    images = self.image_processor.numpy_to_pil(images)
-        stacked_conditioning = torch.stack(conditionings) if return_conditioning else None
+        stacked = torch.cat(images)
+        if output_type == "np" or output_type == "pil":
+            stacked = self.image_processor.pt_to_numpy(stacked)
+            if output_type == "pil":
+                stacked = self.image_processor.numpy_to_pil(stacked)
+        conditionings = torch.stack([f.conditioning[0] for f in drawn]) if return_conditioning else None
         if not return_dict:
-            return (images, stacked_conditioning)
+            return (stacked, conditionings)
         return StoryGPTVPipelineOutput(
-            images=images,
-            conditionings=stacked_conditioning,
-            characters=frame_characters,
-            settings=frame_settings,
-            captions=drawn_captions,
+            images=stacked,
+            conditionings=conditionings,
+            characters=[f.characters for f in drawn],
+            settings=[f.setting for f in drawn],
+            captions=[f.caption for f in drawn],
+            story_context=context,
         )
 
 

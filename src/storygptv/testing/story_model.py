@@ -15,10 +15,16 @@ import torch
 
 from ..models.configuration_storygptv import StoryGPTVConfig
 from ..models.modeling_storygptv import StoryGPTVForConditionalGeneration
-from ..models.story_inputs import IMAGE_PLACEHOLDER_TOKEN, StoryTokens, img_token_strings
+from ..models.story_inputs import IMAGE_PLACEHOLDER_TOKEN, StoryTokens, encode_caption, img_token_strings
 from .tokenizers import build_bpe_tokenizer
 
-__all__ = ["tiny_story_model", "tiny_story_model_config", "tiny_story_tokenizer", "tiny_text_config"]
+__all__ = [
+    "tiny_story_frames",
+    "tiny_story_model",
+    "tiny_story_model_config",
+    "tiny_story_tokenizer",
+    "tiny_text_config",
+]
 
 
 def tiny_story_tokenizer(num_img_tokens: int = 8) -> Any:
@@ -156,3 +162,13 @@ def tiny_story_model(
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
     return model.eval(), tokenizer
+
+
+def tiny_story_frames(
+    tokenizer: Any, num_frames: int, seed: int = 0, dim: int = 32
+) -> tuple[list[list[int]], torch.Tensor]:
+    """``(caption ids, (num_frames, dim) image embeddings)`` of a made-up story, for story-context tests."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["Fred", "Wilma", "Barney", "Betty"]
+    captions = [f"{words[i % 4]} is in the yard {i % 10}." for i in range(num_frames)]
+    return [encode_caption(tokenizer, c) for c in captions], torch.randn(num_frames, dim, generator=g)

@@ -1,0 +1,345 @@
+"""The running story of StoryGPT-V stage 2: committed frames, the LLM's KV cache, the window and the budget.
+
+:class:`~storygptv.models.modeling_storygptv.StoryGPTVForConditionalGeneration` is a plain model (like Llava): it
+maps a laid-out sequence to conditioning and holds no story. A :class:`StoryContext` is the caller's policy around
+it, in the spirit of nanoGPT's ``generate`` loop cropping its context: it lays out each frame with the
+:class:`~storygptv.models.processing_storygptv.StoryGPTVProcessor` (or the layout ids of the model's config), runs
+only the new tokens on top of the cached ones, and decides what stays in the context::
+
+    context = StoryContext(model, processor)
+    for caption, image in story:
+        conditioning = context.next_frame_conditioning(caption)   # the frame to draw; not committed
+        image = ldm(conditioning) ...
+        context.append_frame(clip_image_embeds(image), caption)   # commits "Image: <v>*m Caption: c"
+
+Policy:
+
+- **Window** (``context_window=k``, the local causal window of Causal-Story): only the last k frames stay; the
+  cache is re-encoded from them when the window slides (k frames at most, whatever the story length).
+- **Token budget** (``config.context_token_budget``): when the context would outgrow it, a block of the oldest
+  frames is dropped at once, down to half the budget, and the cache rebuilt once for that block; the first
+  overflow of a story warns. A story that outgrows the budget so costs one rebuild per half-budget of frames.
+- A caption too long for the budget is truncated (with a warning) before the ``[IMG]`` ids.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .modeling_storygptv import NextFrameOutput, StoryGPTVForConditionalGeneration
+from .story_inputs import StoryTokens, history_segment, target_segment
+
+__all__ = ["StoryContext", "StoryFrame", "reference_conditioning"]
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside this module (the caller);
+    the wrappers of ``torch.no_grad`` decorators do not count."""
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_filename.endswith("_contextlib.py")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@dataclass
+class StoryFrame:
+    """A committed frame kept in the context (for cache rebuilds).
+
+    Attributes:
+        caption_ids: caption token ids per batch element (equal lengths).
+        image_embeds: (B, vision_embed_dim) CLIP image embeddings of the frame.
+        index: position of the frame in the story (0-based).
+    """
+
+    caption_ids: list[list[int]]
+    image_embeds: torch.Tensor
+    index: int
+
+    def num_tokens(self, tokens: StoryTokens) -> int:
+        return tokens.history_length(len(self.caption_ids[0]))
+
+
+class StoryContext:
+    """The story so far, as the story model reads it; create one per story.
+
+    Args:
+        model: the story model.
+        processor: a :class:`~storygptv.models.processing_storygptv.StoryGPTVProcessor`; needed to pass captions
+            as text, or when the model's config lacks the layout ids.
+        batch_size: stories run in parallel (their captions must tokenize to equal lengths).
+        context_window: keep only the last k committed frames (None: the whole story, up to the token budget).
+
+    Attributes:
+        frames: the committed frames currently in the context, oldest first.
+        cache / cache_length: the ``DynamicCache`` over BOS + ``frames`` and its length in tokens.
+        num_frames_committed, num_frames_dropped, num_rebuilds: counters of the story.
+        llm_tokens_total: tokens the LLM processed for this story (all calls, rebuilds included).
+        llm_tokens_per_frame: tokens processed for each committed frame (its commit, plus every call since the
+            previous commit); last_call_tokens: those of the latest call.
+        budget_warned: whether the token-budget warning was given (once per story).
+
+    Example:
+        >>> from storygptv.models.processing_storygptv import StoryGPTVProcessor
+        >>> from storygptv.testing.story_model import tiny_story_model
+        >>> model, tok = tiny_story_model()
+        >>> context = StoryContext(model, StoryGPTVProcessor.from_story_model_config(tok, model.config))
+        >>> context.next_frame_conditioning("Fred is in the yard.").shape
+        torch.Size([1, 77, 32])
+        >>> context.append_frame(torch.randn(1, 32), "Fred is in the yard.")
+        >>> context.num_frames_committed
+        1
+    """
+
+    def __init__(
+        self,
+        model: StoryGPTVForConditionalGeneration,
+        processor: Any = None,
+        batch_size: int = 1,
+        context_window: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if context_window is not None and (isinstance(context_window, bool) or context_window < 0):
+            raise ValueError(f"`context_window` must be None or an integer >= 0, got {context_window!r}.")
+        self.model, self.processor = model, processor
+        self.batch_size, self.context_window = batch_size, context_window
+        try:
+            self.tokens = StoryTokens.from_config(model.config)
+        except ValueError:
+            if processor is None:
+                raise
+            self.tokens = processor.tokens
+        self.frames: list[StoryFrame] = []
+        self.cache: DynamicCache | None = None
+        self.cache_length = 0
+        self.num_frames_committed = self.num_frames_dropped = self.num_rebuilds = 0
+        self.llm_tokens_total = self.last_call_tokens = 0
+        self.llm_tokens_per_frame: list[int] = []
+        self.budget_warned = False
+        self._pending_tokens = 0
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def read_next_frame(self, caption: Any) -> NextFrameOutput:
+        """Run ``" Caption: c Image:" + [IMG0..R-1]`` on top of the context (not committed).
+
+        Returns the ``[IMG]`` hidden states and input embeddings, and the grounding logits of a model with a
+        grounding head, so a caller can resolve the frame's characters before it builds the mapper's anchor.
+
+        Args:
+            caption: text (with a processor) or token ids: a list of ints (batch 1, or shared by the batch), a
+                list of lists or a (B, L) tensor.
+        """
+        before = self.llm_tokens_total
+        captions = self._caption_batch(caption)
+        budget = self.model.config.context_token_budget
+        if budget is not None:
+            room = budget - len(self.tokens.bos_ids) - self.tokens.target_overhead()
+            if room < 0:
+                raise ValueError(f"The LLM budget of {budget} tokens cannot hold a target segment.")
+            if len(captions[0]) > room:
+                warnings.warn(
+                    f"Caption of {len(captions[0])} tokens truncated to {room} to fit the LLM budget of {budget}.",
+                    stacklevel=_caller_stacklevel(),
+                )
+                captions = [c[:room] for c in captions]
+        ids = torch.tensor([target_segment(self.tokens, c).input_ids for c in captions])
+        self._ensure_started()
+        self._fit_budget(ids.shape[1], "target segment")
+        committed = self.cache_length
+        out = self._run(ids, None)
+        self.cache.crop(committed - self.cache_length)
+        self.cache_length = committed
+        self.last_call_tokens = self.llm_tokens_total - before
+        return NextFrameOutput(
+            img_hidden_states=out.img_hidden_states,
+            img_input_embeds=out.img_input_embeds,
+            character_logits=out.character_logits,
+            setting_logits=out.setting_logits,
+        )
+
+    @torch.no_grad()
+    def next_frame_conditioning(
+        self, caption: Any, caption_conditioning: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, ldm_seq_len, ldm_hidden_size) conditioning of the next frame (:meth:`read_next_frame` + the mapper).
+
+        ``caption_conditioning`` is the anchor of a caption-anchored mapper (the caption's Char-LDM encoding).
+        """
+        reading = self.read_next_frame(caption)
+        return self.model.map_img_tokens(
+            reading.img_hidden_states, reading.img_input_embeds, caption_conditioning
+        )
+
+    @torch.no_grad()
+    def append_frame(self, image_embeds: torch.Tensor, caption: Any) -> None:
+        """Commit ``"Image:" + m visual tokens + " Caption: c"`` of a finished frame.
+
+        Args:
+            image_embeds: (B, vision_embed_dim) CLIP embeddings of the frame's (generated) images ((D,) for B = 1).
+            caption: as in :meth:`read_next_frame` (the same caption).
+        """
+        captions = self._caption_batch(caption)
+        if image_embeds.ndim == 1:
+            image_embeds = image_embeds.unsqueeze(0)
+        expected = (self.batch_size, self.model.config.vision_embed_dim)
+        if tuple(image_embeds.shape) != expected:
+            raise ValueError(f"`image_embeds` must have shape {expected}, got {tuple(image_embeds.shape)}.")
+        frame = StoryFrame(captions, image_embeds.detach(), self.num_frames_committed)
+        before = self.llm_tokens_total
+        self._ensure_started()
+        self.num_frames_committed += 1
+        if self.context_window is not None and len(self.frames) >= self.context_window:
+            # The window slides: re-encode the retained frames (k of them at most, whatever the story length).
+            frames = [*self.frames, frame]
+            keep = frames[len(frames) - self.context_window :] if self.context_window > 0 else []
+            self.num_frames_dropped += len(frames) - len(keep)
+            self.frames = self._trim_to_budget(keep, 0, "context window")
+            self._rebuild()
+        else:
+            self._fit_budget(frame.num_tokens(self.tokens), "frame")
+            self.frames.append(frame)
+            ids = torch.tensor([history_segment(self.tokens, c).input_ids for c in captions])
+            self._run(ids, image_embeds)
+        self.last_call_tokens = self.llm_tokens_total - before
+        self.llm_tokens_per_frame.append(self._pending_tokens)
+        self._pending_tokens = 0
+
+    # ------------------------------------------------------------------ internals
+    def _caption_batch(self, caption: Any) -> list[list[int]]:
+        """Normalise captions to ``batch_size`` lists of ids of equal length."""
+        if isinstance(caption, torch.Tensor):
+            caption = caption.tolist()
+            if caption and not isinstance(caption[0], list):
+                caption = [caption]
+        if isinstance(caption, str) or (
+            isinstance(caption, Sequence) and caption and isinstance(caption[0], str)
+        ):
+            if self.processor is None:
+                raise ValueError("Captions given as text need a processor: `StoryContext(model, processor)`.")
+            texts = [caption] if isinstance(caption, str) else list(caption)
+            caption = [self.processor.encode_caption(t) for t in texts]
+        elif not caption or not isinstance(caption[0], Sequence):
+            caption = [list(caption)]
+        batch = [[int(i) for i in ids] for ids in caption]
+        if len(batch) == 1 and self.batch_size > 1:
+            batch = batch * self.batch_size
+        if len(batch) != self.batch_size:
+            raise ValueError(
+                f"Got captions for {len(batch)} stories but the context has batch_size {self.batch_size}."
+            )
+        if len({len(ids) for ids in batch}) != 1:
+            raise ValueError(
+                f"Batched captions must have equal token lengths, got {sorted(len(ids) for ids in batch)}."
+            )
+        return batch
+
+    def _run(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> Any:
+        """Run ``input_ids`` (B, L) on top of the cache and grow it; returns the model output."""
+        device = self.model.get_input_embeddings().weight.device
+        length = input_ids.shape[1]
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config.text_config)
+        positions = torch.arange(self.cache_length, self.cache_length + length, device=device)
+        out = self.model(
+            input_ids=input_ids.to(device),
+            image_embeds=image_embeds,
+            position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+            cache=self.cache,
+            use_cache=True,
+            compute_logits=False,
+        )
+        self.cache = out.cache
+        self.cache_length += length
+        self.llm_tokens_total += length
+        self._pending_tokens += length
+        return out
+
+    def _rebuild(self) -> None:
+        """Re-encode BOS + the retained frames from scratch (after the window slid or frames were dropped)."""
+        self.cache, self.cache_length = None, 0
+        rows = [list(self.tokens.bos_ids) for _ in range(self.batch_size)]
+        for frame in self.frames:
+            for b in range(self.batch_size):
+                rows[b] += history_segment(self.tokens, frame.caption_ids[b]).input_ids
+        self.num_rebuilds += 1
+        if rows[0]:
+            embeds = (
+                torch.stack([f.image_embeds for f in self.frames], 1).flatten(0, 1) if self.frames else None
+            )
+            self._run(torch.tensor(rows), embeds)  # embeds (B * n_frames, D) in placeholder (row-major) order
+
+    def _ensure_started(self) -> None:
+        if self.cache is None and self.cache_length == 0 and self.tokens.bos_ids and not self.frames:
+            self._run(torch.tensor([self.tokens.bos_ids] * self.batch_size), None)
+
+    def _trim_to_budget(self, frames: list[StoryFrame], extra_tokens: int, what: str) -> list[StoryFrame]:
+        """The newest of ``frames`` that fit the token budget with BOS and ``extra_tokens`` (see the module doc)."""
+        budget = self.model.config.context_token_budget
+        total = len(self.tokens.bos_ids) + sum(f.num_tokens(self.tokens) for f in frames)
+        if budget is None or total + extra_tokens <= budget:
+            return frames
+        kept = list(frames)
+        while kept and total + extra_tokens > budget // 2:
+            total -= kept.pop(0).num_tokens(self.tokens)
+        if total + extra_tokens > budget:
+            raise ValueError(
+                f"The {what} ({extra_tokens} tokens) does not fit the LLM budget of {budget} tokens even with an "
+                "empty context."
+            )
+        dropped = len(frames) - len(kept)
+        if not self.budget_warned:
+            warnings.warn(
+                f"Story context exceeds the LLM budget of {budget} tokens (max_context_tokens): dropping the "
+                f"{dropped} oldest frame(s) and rebuilding the cache ({len(kept)} frame(s) kept). From now on, "
+                "each time the context fills up the oldest frames are dropped down to half the budget (no "
+                "further warning; see `num_frames_dropped`).",
+                stacklevel=_caller_stacklevel(),
+            )
+            self.budget_warned = True
+        self.num_frames_dropped += dropped
+        return kept
+
+    def _fit_budget(self, extra_tokens: int, what: str) -> None:
+        kept = self._trim_to_budget(self.frames, extra_tokens, what)
+        if len(kept) != len(self.frames):
+            self.frames = kept
+            self._rebuild()
+
+
+@torch.no_grad()
+def reference_conditioning(
+    model: StoryGPTVForConditionalGeneration,
+    context_caption_ids: Sequence[Sequence[int]],
+    context_image_embeds: torch.Tensor | None,
+    target_caption_ids: Sequence[int],
+    caption_conditioning: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The conditioning of one full forward pass over the whole story (batch 1, no cache).
+
+    The reference that :class:`StoryContext` must equal: ``context_image_embeds`` is (n_frames, vision_embed_dim)
+    and ``caption_conditioning`` the anchor of a caption-anchored mapper.
+    """
+    tokens = StoryTokens.from_config(model.config)
+    ids = list(tokens.bos_ids)
+    for caption in context_caption_ids:
+        ids += history_segment(tokens, caption).input_ids
+    ids += target_segment(tokens, target_caption_ids).input_ids
+    device = model.get_input_embeddings().weight.device
+    out = model(
+        input_ids=torch.tensor([ids], device=device),
+        image_embeds=context_image_embeds,
+        caption_conditioning=caption_conditioning,
+        use_cache=False,
+        compute_logits=False,
+    )
+    return out.conditioning
