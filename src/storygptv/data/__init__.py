@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 
-from ._common import STORY_COLUMNS, normalize_split, story_features
+from ._common import STORY_COLUMNS, multi_hot, normalize_split, story_features
 
 __all__ = [
     "DATASET_NAMES",
@@ -33,6 +33,7 @@ __all__ = [
     "load_pororo",
     "load_story_dataset",
     "load_synthsv",
+    "multi_hot",
     "normalize_split",
     "story_features",
     "story_frames",
