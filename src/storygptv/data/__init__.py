@@ -27,6 +27,7 @@ from ._common import STORY_COLUMNS, multi_hot, normalize_split, story_features
 __all__ = [
     "DATASET_NAMES",
     "STORY_COLUMNS",
+    "ReleaseOptions",
     "CharLDMCollator",
     "StoryGPTVCollator",
     "load_flintstones",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ReleaseOptions": "._release",
     "CharLDMCollator": ".collators",
     "StoryGPTVCollator": ".collators_story",
     "story_frames": ".collators",
@@ -61,13 +63,7 @@ def __getattr__(name: str) -> Any:
 #: Names accepted by :func:`load_story_dataset`.
 DATASET_NAMES: tuple[str, ...] = ("flintstones", "pororo", "synthsv")
 
-_NAME_ALIASES = {
-    "flintstones": "flintstones",
-    "flintstonessv": "flintstones",
-    "pororo": "pororo",
-    "pororosv": "pororo",
-    "synthsv": "synthsv",
-}
+_NAME_ALIASES = {"flintstonessv": "flintstones", "pororosv": "pororo"}
 
 
 def load_story_dataset(
@@ -113,9 +109,9 @@ def load_story_dataset(
         FileNotFoundError: a release file is missing (the message names it and the expected layout).
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
-    if key not in _NAME_ALIASES:
+    key = _NAME_ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}.")
-    key = _NAME_ALIASES[key]
     split = normalize_split(split)
     if key == "synthsv":
         from .synthsv import load_synthsv
@@ -139,10 +135,6 @@ def load_story_dataset(
         "sam_processor": sam_processor,
         "streaming": streaming,
     }
-    if data_dir is None:
-        raise ValueError(
-            f"{key!r} needs `data_dir`: the folder of its downloaded release (the package downloads nothing)."
-        )
     if key == "flintstones":
         from .flintstones import load_flintstones
 
