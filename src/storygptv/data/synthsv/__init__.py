@@ -44,9 +44,10 @@ transform with ``ds.set_transform(fn)`` drops the rendering: compose instead, e.
 ``ds.set_transform(lambda b: fn(render_synthsv_batch(b)))``, or call :func:`materialize_synthsv` to
 store real images (e.g. before ``push_to_hub``).
 
-The package reads in layers: :mod:`~storygptv.data.synthsv.spec` (the world as data),
-:mod:`~storygptv.data.synthsv.render`, :mod:`~storygptv.data.synthsv.rng` (counter-based random
-numbers), :mod:`~storygptv.data.synthsv.sampling`, :mod:`~storygptv.data.synthsv.story` and
+The package's ``__all__`` is its public API; the submodules are its layers:
+:mod:`~storygptv.data.synthsv.spec` (the world as data), :mod:`~storygptv.data.synthsv.render`,
+:mod:`~storygptv.data.synthsv.rng` (counter-based random numbers),
+:mod:`~storygptv.data.synthsv.sampling`, :mod:`~storygptv.data.synthsv.story` and
 :mod:`~storygptv.data.synthsv.dataset`.
 
 Example:

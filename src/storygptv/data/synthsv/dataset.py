@@ -19,8 +19,6 @@ from .sampling import RawFrame, check_sampling_args, referential_captions, sampl
 from .spec import ACTIONS, BACKGROUNDS, CHARACTERS, SPLIT_SIZES, character_box
 from .story import make_frame_ids, make_story_id
 
-__all__ = ["load_synthsv", "materialize_synthsv", "synthsv_features"]
-
 #: Stories drawn at once by the streaming dataset (the same stories as one by one, only faster).
 _STREAM_BLOCK = 256
 

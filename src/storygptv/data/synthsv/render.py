@@ -27,8 +27,6 @@ from .spec import (
     SynthFrame,
 )
 
-__all__ = ["reference_images", "render_frame", "render_synthsv_batch"]
-
 
 @lru_cache(maxsize=256)
 def shape_mask(shape: str, width: int, height: int) -> np.ndarray:

@@ -52,8 +52,6 @@ from .spec import (
     pronoun_subject,
 )
 
-__all__ = ["SPLIT_HASH_RANGES", "SPLIT_IDS", "split_of_captions"]
-
 #: The split's number in the random-number keys (part of the determinism spec: never renumber).
 SPLIT_IDS: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
 #: Owned ranges of the content hash in [0, 1): (low, high).

@@ -13,25 +13,6 @@ import numpy as np
 
 from .._common import multi_hot
 
-__all__ = [
-    "ACTIONS",
-    "BACKGROUNDS",
-    "BACKGROUND_COLORS",
-    "CANVAS_SIZE",
-    "CHARACTERS",
-    "CHARACTER_COLORS",
-    "MAX_FRAMES",
-    "POSE_TOP",
-    "PRONOUNS",
-    "REFERENCE_GREY",
-    "SHAPES",
-    "SLOT_X",
-    "SPLIT_SIZES",
-    "SynthFrame",
-    "character_box",
-    "make_caption",
-]
-
 CANVAS_SIZE = 64
 HORIZON = 40  # first ground row
 SPRITE_SIZE = 16

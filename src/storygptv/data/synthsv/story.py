@@ -12,8 +12,6 @@ from .render import render_frame
 from .sampling import RawFrame, check_sampling_args, referential_captions, sample_accepted
 from .spec import ACTIONS, BACKGROUNDS, SynthFrame
 
-__all__ = ["SynthStory", "sample_stories", "sample_story"]
-
 
 def make_story_id(split: str, seed: int, index: int) -> str:
     """The id of story ``index`` of ``split`` drawn with ``seed``, e.g. ``"synthsv-train-s0-000012"``."""
