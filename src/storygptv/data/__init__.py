@@ -13,6 +13,9 @@ row per story and the columns of :data:`STORY_COLUMNS`:
 - ``segmentation``: list of "L" ``datasets.Image`` label maps (``1 + character index``, 0 elsewhere);
 - ``character_labels``: per frame, the multi-hot (int8) vector in the dataset's label order;
 - ``background`` (str per frame) and ``background_labels`` (int8 multi-hot per frame, or ``[]``).
+
+The rules every loader shares have one home each: split names (:func:`normalize_split`), label
+vectors (:func:`multi_hot`) and, for the release loaders, their options (:class:`ReleaseOptions`).
 """
 
 from __future__ import annotations
@@ -99,13 +102,15 @@ def load_story_dataset(
             release has no masks.
         sam_processor: the matching ``transformers.SamProcessor``.
         streaming: return an ``IterableDataset`` that reads lazily.
-        **kwargs: dataset-specific options: ``layout`` and ``bbox_resolution`` (FlintstonesSV and
-            PororoSV; the layout is detected from the files by default), ``caption_index`` (PororoSV),
-            ``num_stories`` (all) and ``cache_dir`` (the Arrow cache of ``datasets``; FlintstonesSV and
-            PororoSV).
+        **kwargs: ``num_stories`` and ``cache_dir`` (all; SynthSV ignores ``cache_dir``), the other
+            :class:`ReleaseOptions` (``bbox_resolution``) and the release's own options: ``layout``
+            (FlintstonesSV and PororoSV; detected from the files by default) and ``caption_index``
+            (PororoSV).
 
     Raises:
-        ValueError: unknown dataset name or split (the message lists the valid ones).
+        ValueError: unknown dataset name or split (the message lists the valid ones), or no ``data_dir``
+            for a release.
+        TypeError: an option the dataset does not take (the message lists the valid ones).
         FileNotFoundError: a release file is missing (the message names it and the expected layout).
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
