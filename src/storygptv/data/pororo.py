@@ -27,7 +27,8 @@ Assumptions, where the release leaves room (the loader is tolerant of the varian
   uses ``[0]``); ``caption_index="random"`` picks one per frame seeded by ``(seed, id)`` (StoryGPT-V
   samples a random caption). A plain string value is used as is.
 - ``characters`` come from ``labels.npy`` (label order, :data:`CHARACTERS`); frames missing from it
-  use the names found in the caption (whole words, any case).
+  use the names the caption mentions (:func:`storygptv.characters.find_character_mentions`:
+  whole words, any case).
 - There are no boxes or masks: ``boxes`` are empty lists and ``segmentation`` is all zeros;
   ``background`` is ``""`` and ``background_labels`` are empty (PororoSV has no background labels).
 - Bad frames: a missing or unreadable PNG drops its whole story with a warning naming the file, and
@@ -47,7 +48,8 @@ Assumptions, where the release leaves room (the loader is tolerant of the varian
 - Ids may contain "/" (they are then sub-folders); captions default to StoryGPT-V's stage-1 rule
   (``caption_index="frame"``: caption ``min(ceil((k + 1) / n * C), C - 1)`` for frame k of n, so
   caption 0 is never used); segments give ``characters`` (segment words matched to
-  :data:`CHARACTERS`, any case), ``boxes`` (given at 128 px, scaled) and, with the mask files,
+  :data:`CHARACTERS` by :func:`storygptv.characters.canonical_name`: any case, possessive dropped),
+  ``boxes`` (given at 128 px, scaled) and, with the mask files,
   ``segmentation`` (else box masks, optionally refined with SAM). The name word of a segment is taken
   from ``word``, else from the chosen caption's words ``start``..``end`` (which assumes the segments
   refer to that caption).
