@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from storygptv.characters import (
+    CAST_IMAGE_SUFFIXES,
+    canonical_name,
+    cast_file_stem,
     find_character_mentions,
     find_character_tokens,
     load_character_image,
     normalize_characters,
+    read_cast_folder,
 )
 from storygptv.testing import build_bpe_tokenizer
 
@@ -255,3 +259,65 @@ def test_decompression_bombs_are_errors_naming_the_file(tmp_path, width, height)
         warnings.simplefilter("error")  # no Pillow warning either: a clear error instead
         with pytest.raises(ValueError, match=r"'Fred' in '.*bomb\.png' is .*(too large|10000x10000)"):
             load_character_image(path, name="Fred")
+
+
+# ------------------------------------------------------------------------------------------- annotation labels
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [
+        ("fred", "Fred"),
+        ("FRED'S", "Fred"),
+        ("Fred’s", "Fred"),
+        ("Mr. Slate", "Mr Slate"),
+        ("mr_slate", "Mr Slate"),
+        ("  Mr   Slate ", "Mr Slate"),
+        ("Freddy", None),
+        ("Fred and Barney", None),  # a whole label, not a search: see find_character_mentions
+        ("", None),
+    ],
+)
+def test_canonical_name(label, expected):
+    assert canonical_name(label, ["Fred", "Barney", "Mr Slate"]) == expected
+
+
+def test_canonical_name_aliases_are_keys():
+    aliases = {"slate": "Mr Slate", "mister slate": "Mr Slate"}
+    assert canonical_name("Slate's", ["Mr Slate"], aliases) == "Mr Slate"
+    assert canonical_name("Mister  Slate", ["Mr Slate"], aliases) == "Mr Slate"
+
+
+# ------------------------------------------------------------------------------------------- cast folders
+
+
+def _touch(folder, *names):
+    """A folder with tiny images under ``names`` (other files are empty)."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        if name.lower().endswith(CAST_IMAGE_SUFFIXES):
+            PIL.Image.new("RGB", (4, 4)).save(folder / name)
+        else:
+            (folder / name).touch()
+
+
+def test_cast_folder_names_and_suffixes(tmp_path):
+    _touch(tmp_path / "cast", "Mr_Slate.png", "Fred.JPG", "Bamm__Bamm.webp", "notes.txt", ".hidden.png")
+    (tmp_path / "cast" / "folder.png").mkdir()
+    cast = read_cast_folder(tmp_path / "cast")
+    assert list(cast) == ["Bamm Bamm", "Fred", "Mr Slate"]  # file-name order
+    assert cast["Mr Slate"] == tmp_path / "cast" / "Mr_Slate.png"
+    assert all(load_character_image(path, name).size == (4, 4) for name, path in cast.items())
+    assert ".bmp" in CAST_IMAGE_SUFFIXES
+    assert cast_file_stem("Mr  Slate") == "Mr_Slate"
+
+
+def test_cast_folder_errors(tmp_path):
+    with pytest.raises(NotADirectoryError, match="is not a folder; pass a folder of reference images"):
+        read_cast_folder(tmp_path / "nope")
+    _touch(tmp_path / "empty", "notes.txt")
+    with pytest.raises(ValueError, match=r"holds no image \(.png, .jpg.*e\.g\. Fred\.png or Mr_Slate\.png"):
+        read_cast_folder(tmp_path / "empty")
+    _touch(tmp_path / "twice", "Mr_Slate.png", "Mr Slate.jpg")
+    with pytest.raises(ValueError, match=r"two images of 'Mr Slate' \(Mr Slate\.jpg and Mr_Slate\.png\)"):
+        read_cast_folder(tmp_path / "twice")

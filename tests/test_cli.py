@@ -256,3 +256,19 @@ def test_cast_filter_uses_the_library_name_matching(tmp_path):
     )
     assert sorted(cast) == ["Fred", "Mr Slate"]  # "Mr  Slate" (two spaces) kept, "Bo" not found in "Both"
     assert cast["Fred"].getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_character_folder_uses_the_library_cast_rule(tmp_path):
+    from storygptv.cli import read_character_dir
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for name in ("Mr_Slate.png", "Fred.jpg"):
+        PIL.Image.new("RGB", (4, 4)).save(refs / name)
+    assert read_character_dir(refs) == {
+        "Fred": str(refs / "Fred.jpg"),
+        "Mr Slate": str(refs / "Mr_Slate.png"),
+    }
+    PIL.Image.new("RGB", (4, 4)).save(refs / "Fred.png")
+    with pytest.raises(SystemExit, match=r"error: --characters .* holds two images of 'Fred'"):
+        read_character_dir(refs)

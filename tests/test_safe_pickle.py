@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from storygptv.data.safe_pickle import UnsafePickleError, safe_load_npy, safe_load_pickle
+from storygptv.data.safe_pickle import UnsafePickleError, safe_load_dict, safe_load_npy, safe_load_pickle
 from tests.fixtures.story_releases import MarkerPayload
 
 DATA = {
@@ -90,3 +90,16 @@ def test_broken_files_are_clear_errors(tmp_path):
     not_array.write_bytes(data[:header_end] + pickle.dumps({"a": 1}))
     with pytest.raises(ValueError, match="holds a dict after its .npy header"):
         safe_load_npy(not_array)
+
+
+def test_safe_load_dict_reads_pickles_and_object_npy(tmp_path):
+    pkl = tmp_path / "labels.pkl"
+    pkl.write_bytes(pickle.dumps({"a": [1, 0]}))
+    npy = tmp_path / "descriptions.npy"
+    np.save(npy, np.array({"a/1": ["caption"]}, dtype=object), allow_pickle=True)
+    assert safe_load_dict(pkl) == {"a": [1, 0]}
+    assert safe_load_dict(npy) == {"a/1": ["caption"]}
+    listed = tmp_path / "list.pkl"
+    listed.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(ValueError, match=r"should hold a pickled dict, got list\. Expected layout: L"):
+        safe_load_dict(listed, layout="L")

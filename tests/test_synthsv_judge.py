@@ -23,10 +23,9 @@ from storygptv.evaluation.synthsv import (
     image_to_array,
     judge_frame,
     judge_frames,
-    noise_image,
-    random_frames,
     score_stories,
 )
+from storygptv.evaluation.synthsv_calibration import noise_image, random_frames
 
 # ------------------------------------------------------------------------------------------ metrics
 

@@ -1,4 +1,4 @@
-"""Character names in captions: where they are in the text and in the token sequence.
+"""Character names: in captions, in the token sequence, in annotation labels and in cast folders.
 
 StoryGPT-V fuses each character's reference-image embedding into the text-encoder output at the
 *last sub-token* of that character's name. This module finds those positions for any Hugging Face
@@ -16,6 +16,11 @@ Matching rules (the public StoryGPT-V code matches lower-cased whitespace-split 
   character, as in training);
 - when two names overlap ("Bamm" and "Bamm Bamm"), the longer name wins;
 - characters are ordered by their position in the caption and at most ``max_characters`` are kept.
+
+Two more naming rules live here, so that every reader applies the same ones:
+:func:`canonical_name` (which character a dataset's annotation label stands for) and
+:func:`read_cast_folder` (a folder of reference images named after their characters). The
+reference-image loaders of :mod:`storygptv.reference_images` are re-exported.
 """
 
 from __future__ import annotations
@@ -27,17 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
-import torch
+from .reference_images import MAX_REFERENCE_PIXELS, load_character_image, normalize_characters
 
 __all__ = [
+    "CAST_IMAGE_SUFFIXES",
+    "MAX_REFERENCE_PIXELS",
     "CharacterMention",
+    "canonical_name",
+    "cast_file_stem",
     "find_character_mentions",
     "find_character_tokens",
     "load_character_image",
     "locate_character_tokens",
     "normalize_characters",
+    "read_cast_folder",
     "warn_ignored_characters",
 ]
 
@@ -202,201 +210,93 @@ def find_character_tokens(
     return kept
 
 
-#: Largest reference image accepted from a file (Pillow's decompression-bomb limit; references are
-#: resized to about 224 px anyway).
-MAX_REFERENCE_PIXELS = 89_478_485
-#: Float pixels may overshoot [0, 1] by this much (rounding in a preprocessing step) and are clipped.
-_FLOAT_TOLERANCE = 1e-3
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# ------------------------------------------------------------------------------------------- labels
 
 
-def load_character_image(image: Any, name: str = "character") -> PIL.Image.Image:
-    """Turn a reference image given as a path, PIL image, array or tensor into an RGB PIL image.
+def _name_key(text: str) -> str:
+    """What two spellings of a name share: lower case, no possessive, dots and underscores as spaces."""
+    key = re.sub(r"['’]s$", "", str(text).strip().lower())
+    return " ".join(key.replace(".", " ").replace("_", " ").split())
 
-    Accepted: a ``str`` / ``pathlib.Path`` to an image file, a ``PIL.Image.Image``, a ``numpy`` array
-    (H, W) or (H, W, 1|3|4), or a ``torch.Tensor`` (1|3|4, H, W). Pixel values mean what they show:
 
-    - ``uint8`` and integer arrays with values 0-255 are 8-bit; ``uint16`` arrays and 16-bit images
-      (PNG ``I;16`` / ``I``) are scaled by their range (65535 -> 255);
-    - floats must lie in [0, 1] (a float image above 1 is an error, not a white image);
-    - an alpha channel is composited onto white (transparent areas become white, not their hidden colour);
-    - an empty (0-pixel) image, or a file above :data:`MAX_REFERENCE_PIXELS` (a decompression bomb), is an
-      error naming the character and the file.
+def canonical_name(label: str, names: Iterable[str], aliases: Mapping[str, str] | None = None) -> str | None:
+    """The name of ``names`` that an annotation label stands for, or ``None`` (another person, a word).
+
+    A label stands for a name when both have the same key: lower case, a trailing possessive ("'s" or
+    "’s") dropped, dots and underscores read as spaces, runs of spaces folded. So "fred's",
+    "Mr. Slate" and "mr_slate" stand for "Fred" and "Mr Slate". ``aliases`` maps further keys to names
+    (``{"slate": "Mr Slate"}``). This compares whole labels; to find names inside a caption, use
+    :func:`find_character_mentions`.
+
+    Example:
+        >>> canonical_name("Mr. Slate's", ["Fred", "Mr Slate"]), canonical_name("woman", ["Fred"])
+        ('Mr Slate', None)
+        >>> canonical_name("slate", ["Fred", "Mr Slate"], aliases={"slate": "Mr Slate"})
+        'Mr Slate'
     """
-    if isinstance(image, str | Path):
-        return _read_image_file(Path(image), name)
-    if isinstance(image, PIL.Image.Image):
-        return _pil_to_rgb(image, name, "the given PIL image")
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(
-                f"The reference image of {name!r} is a tensor of shape {tuple(image.shape)}; "
-                "pass a (3, H, W) tensor with values in [0, 1]."
-            )
-        tensor = image.detach().cpu()
-        tensor = tensor.float() if tensor.is_floating_point() else tensor
-        return _array_to_rgb(tensor.permute(1, 2, 0).numpy(), name, "the given tensor")
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, name, "the given array")
-    raise TypeError(
-        f"The reference image of {name!r} has type {type(image).__name__}; pass a PIL image, a file path, "
-        "a (H, W, 3) uint8 numpy array or a (3, H, W) tensor in [0, 1]."
-    )
+    key = _name_key(label)
+    for name in names:
+        if _name_key(name) == key:
+            return name
+    return (aliases or {}).get(key)
 
 
-def _read_image_file(path: Path, name: str) -> PIL.Image.Image:
-    """Open an image file; the size is checked from the header before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():  # the size check below replaces Pillow's warning
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            opened = PIL.Image.open(path)
-    except PIL.Image.DecompressionBombError as error:
-        raise ValueError(
-            f"The reference image of {name!r} in {str(path)!r} is too large to decode safely ({error}); pass "
-            f"an image of at most {MAX_REFERENCE_PIXELS} pixels."
-        ) from error
-    except (OSError, ValueError, SyntaxError) as error:
-        raise _unreadable(name, path, error) from error
-    with opened:
-        width, height = opened.size
-        if width * height > MAX_REFERENCE_PIXELS:
-            raise ValueError(
-                f"The reference image of {name!r} in {str(path)!r} is {width}x{height} pixels, more than "
-                f"{MAX_REFERENCE_PIXELS} (a decompression bomb?); pass a smaller image."
-            )
-        try:
-            opened.load()
-        except (OSError, ValueError, SyntaxError) as error:
-            raise _unreadable(name, path, error) from error
-        return _pil_to_rgb(opened, name, repr(str(path)))
+# ------------------------------------------------------------------------------------------- cast folders
+
+#: Suffixes of the reference images in a cast folder (compared ignoring case).
+CAST_IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _unreadable(name: str, path: Path, error: Exception) -> ValueError:
-    return ValueError(
-        f"The reference image of {name!r} could not be read from {str(path)!r} ({error}). "
-        "Pass the path of a readable image file (PNG, JPEG, ...) or a PIL image."
-    )
+def cast_file_stem(name: str) -> str:
+    """The file name (without suffix) of ``name``'s reference image in a cast folder: spaces become underscores.
 
-
-def _check_not_empty(width: int, height: int, name: str, source: str) -> None:
-    if width == 0 or height == 0:
-        raise ValueError(
-            f"The reference image of {name!r} ({source}) is empty ({width}x{height} pixels); pass a picture "
-            "of the character."
-        )
-
-
-def _pil_to_rgb(image: PIL.Image.Image, name: str, source: str) -> PIL.Image.Image:
-    """RGB of a PIL image: 16-bit and float modes by their range, alpha composited onto white."""
-    _check_not_empty(image.width, image.height, name, source)
-    if image.mode.startswith("I;16"):
-        return _array_to_rgb(np.asarray(image), name, source)
-    if image.mode == "I":  # 32-bit integers, what Pillow makes of 16-bit greyscale: scaled as 16 bit
-        array = np.asarray(image)
-        if array.size and (array.min() < 0 or array.max() > 65535):
-            raise ValueError(
-                f"The reference image of {name!r} ({source}) holds 32-bit values from {array.min()} to "
-                f"{array.max()}; pass an 8-bit or 16-bit image."
-            )
-        return _array_to_rgb(array.astype(np.uint16), name, source)
-    if image.mode == "F":
-        return _array_to_rgb(np.asarray(image), name, source)
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _to_uint8(array: np.ndarray, name: str, source: str) -> np.ndarray:
-    """8-bit pixel values of an array, by its dtype's meaning (see :func:`load_character_image`)."""
-    if array.dtype.byteorder not in "=|":
-        array = array.astype(array.dtype.newbyteorder("="))
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if array.dtype == np.uint16:
-        return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)  # 65535 / 257 = 255
-    if array.size == 0:
-        return array.astype(np.uint8)
-    low, high = array.min(), array.max()
-    if np.issubdtype(array.dtype, np.integer):
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"The reference image of {name!r} ({source}) is a {array.dtype} array with values from {low} "
-                f"to {high}; integer images must hold 0-255 (or be uint16, 0-65535)."
-            )
-        return array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        if (
-            not (np.isfinite(low) and np.isfinite(high))
-            or low < -_FLOAT_TOLERANCE
-            or high > 1 + _FLOAT_TOLERANCE
-        ):
-            raise ValueError(
-                f"The reference image of {name!r} ({source}) is a float image with values from {low:g} to "
-                f"{high:g}; float images must lie in [0, 1] (divide 0-255 values by 255)."
-            )
-        return np.round(np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise TypeError(
-        f"The reference image of {name!r} ({source}) has dtype {array.dtype}; pass uint8, uint16 or floats in [0, 1]."
-    )
-
-
-def _array_to_rgb(array: np.ndarray, name: str, source: str) -> PIL.Image.Image:
-    """RGB of an (H, W) or (H, W, 1|3|4) array; a 4th channel is alpha, composited onto white."""
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"The reference image of {name!r} is an array of shape {array.shape}; pass an (H, W, 3) uint8 array."
-        )
-    _check_not_empty(array.shape[1], array.shape[0], name, source)
-    pixels = _to_uint8(array, name, source)
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=-1)
-    if pixels.shape[-1] == 4:
-        alpha = pixels[..., 3:].astype(np.float64) / 255.0
-        pixels = np.round(pixels[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return PIL.Image.fromarray(np.ascontiguousarray(pixels))
-
-
-def normalize_characters(
-    characters: Mapping[str, Any] | list[Mapping[str, Any] | None] | None, batch_size: int
-) -> list[dict[str, PIL.Image.Image]]:
-    """Validate ``characters`` and return one ``{name: RGB image}`` dict per prompt.
-
-    ``characters`` is ``None``, one dict shared by every prompt, or a list with one dict (or ``None``)
-    per prompt.
+    Example:
+        >>> cast_file_stem("Mr Slate")
+        'Mr_Slate'
     """
-    if characters is None:
-        return [{} for _ in range(batch_size)]
-    if isinstance(characters, Mapping):
-        shared = _load_mapping(characters)
-        return [shared for _ in range(batch_size)]
-    if isinstance(characters, list | tuple):
-        if len(characters) != batch_size:
-            raise ValueError(
-                f"`characters` is a list of {len(characters)} dicts but there are {batch_size} prompts; "
-                "pass one dict per prompt, or a single dict shared by all prompts."
-            )
-        return [_load_mapping(entry) if entry is not None else {} for entry in characters]
-    raise TypeError(
-        f"`characters` has type {type(characters).__name__}; pass a dict {{name: reference image}}, "
-        "a list of such dicts (one per prompt), or None."
-    )
+    return "_".join(name.split())
 
 
-def _load_mapping(characters: Mapping[str, Any]) -> dict[str, PIL.Image.Image]:
-    if not isinstance(characters, Mapping):
-        raise TypeError(
-            f"Each entry of `characters` must be a dict {{name: reference image}}, got "
-            f"{type(characters).__name__}."
+def read_cast_folder(folder: str | Path) -> dict[str, Path]:
+    """``{character name: image path}`` of the reference images in a cast folder, in file-name order.
+
+    The rule wherever a folder of reference images is read (the CLI's ``--characters``, a pipeline's
+    ``characters/`` folder, training references): the file name is the character name, and underscores
+    stand for spaces, so ``Mr_Slate.png`` is "Mr Slate" (the inverse of :func:`cast_file_stem`). Images
+    are the files whose suffix is in :data:`CAST_IMAGE_SUFFIXES`; hidden files and other files are
+    ignored. The images are not opened (see :func:`load_character_image`).
+
+    Raises:
+        NotADirectoryError: ``folder`` is not a folder.
+        ValueError: the folder holds no image, or two images name the same character.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for file in ("Fred.png", "Mr_Slate.JPG", "notes.txt"):
+        ...     _ = (folder / file).write_bytes(b"")
+        >>> {name: path.name for name, path in read_cast_folder(folder).items()}
+        {'Fred': 'Fred.png', 'Mr Slate': 'Mr_Slate.JPG'}
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"{str(folder)!r} is not a folder; pass a folder of reference images named after their "
+            "characters (Fred.png, Mr_Slate.png)."
         )
-    loaded = {}
-    for name, image in characters.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"Character names must be non-empty strings, got {name!r} in `characters`.")
-        loaded[name] = load_character_image(image, name=name)
-    return loaded
+    cast: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in CAST_IMAGE_SUFFIXES or not path.is_file():
+            continue
+        name = " ".join(path.stem.replace("_", " ").split())
+        if name in cast:
+            raise ValueError(
+                f"{str(folder)!r} holds two images of {name!r} ({cast[name].name} and {path.name}); keep one."
+            )
+        cast[name] = path
+    if not cast:
+        raise ValueError(
+            f"{str(folder)!r} holds no image ({', '.join(CAST_IMAGE_SUFFIXES)}); name each reference image "
+            "after its character, e.g. Fred.png or Mr_Slate.png."
+        )
+    return cast

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: The files a story writes into ``--out`` (an earlier story's are refused unless ``--overwrite``).
 FRAME_FILE = re.compile(r"frame_\d{3,}\.png")
 STORYBOARD_FILE = "storyboard.png"
@@ -116,25 +115,17 @@ def read_story(path: str | Path) -> tuple[list[str], dict[str, str]]:
     return _check_captions(captions, path), characters
 
 
-def read_character_dir(folder: str | Path) -> dict[str, str]:
-    """``{name: path}`` for the images in ``folder``; the file name is the character name.
+def read_character_dir(folder: str | Path, option: str = "--characters") -> dict[str, str]:
+    """``{name: path}`` of the reference images in ``folder``, by the library's cast-folder rule
+    (:func:`storygptv.characters.read_cast_folder`: the file name is the character name, underscores
+    stand for spaces, so ``Mr_Slate.png`` is "Mr Slate"). A problem is one ``SystemExit`` line naming
+    ``option``."""
+    from .characters import read_cast_folder
 
-    Underscores in file names stand for spaces: ``Mr_Slate.png`` is "Mr Slate".
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SystemExit(f"error: --characters {str(folder)!r} is not a folder.")
-    found = {
-        p.stem.replace("_", " "): str(p)
-        for p in sorted(folder.iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    }
-    if not found:
-        raise SystemExit(
-            f"error: --characters {str(folder)!r} holds no image ({', '.join(IMAGE_SUFFIXES)}); name each "
-            "reference image after its character, e.g. Fred.png."
-        )
-    return found
+    try:
+        return {name: str(path) for name, path in read_cast_folder(folder).items()}
+    except (NotADirectoryError, ValueError) as error:
+        raise SystemExit(f"error: {option} {error}") from error
 
 
 def check_model_folder(model: str) -> Path | None:
@@ -232,7 +223,7 @@ def generate(args: argparse.Namespace) -> int:
     folder = check_model_folder(model)
     if not characters and folder is not None and (folder / "characters").is_dir():
         # Pipelines may ship reference images for their cast (the embedded default does).
-        characters = read_character_dir(folder / "characters")
+        characters = read_character_dir(folder / "characters", option=f"the cast of --model {model!r}:")
     device = check_device(args.device)
     out = Path(args.out)
     earlier_story = prepare_output(out, args.overwrite)

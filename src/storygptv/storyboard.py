@@ -40,7 +40,8 @@ def make_storyboard(
         The storyboard as an RGB PIL image.
 
     Example:
-        >>>         >>> board = make_storyboard([np.zeros((64, 64, 3), np.uint8)] * 2, ["Ava jumps.", "She waves."])
+        >>> import numpy as np
+        >>> board = make_storyboard([np.zeros((64, 64, 3), np.uint8)] * 2, ["Ava jumps.", "She waves."])
         >>> board.mode, board.width > 2 * 128
         ('RGB', True)
     """

@@ -13,6 +13,9 @@ row per story and the columns of :data:`STORY_COLUMNS`:
 - ``segmentation``: list of "L" ``datasets.Image`` label maps (``1 + character index``, 0 elsewhere);
 - ``character_labels``: per frame, the multi-hot (int8) vector in the dataset's label order;
 - ``background`` (str per frame) and ``background_labels`` (int8 multi-hot per frame, or ``[]``).
+
+The rules every loader shares have one home each: split names (:func:`normalize_split`), label
+vectors (:func:`multi_hot`) and, for the release loaders, their options (:class:`ReleaseOptions`).
 """
 
 from __future__ import annotations
@@ -22,23 +25,26 @@ from typing import Any
 
 import datasets
 
-from ._common import STORY_COLUMNS, normalize_split, story_features
+from ._common import STORY_COLUMNS, multi_hot, normalize_split, story_features
 
 __all__ = [
     "DATASET_NAMES",
     "STORY_COLUMNS",
+    "ReleaseOptions",
     "CharLDMCollator",
     "StoryGPTVCollator",
     "load_flintstones",
     "load_pororo",
     "load_story_dataset",
     "load_synthsv",
+    "multi_hot",
     "normalize_split",
     "story_features",
     "story_frames",
 ]
 
 _LAZY = {
+    "ReleaseOptions": "._release",
     "CharLDMCollator": ".collators",
     "StoryGPTVCollator": ".collators_story",
     "story_frames": ".collators",
@@ -60,13 +66,7 @@ def __getattr__(name: str) -> Any:
 #: Names accepted by :func:`load_story_dataset`.
 DATASET_NAMES: tuple[str, ...] = ("flintstones", "pororo", "synthsv")
 
-_NAME_ALIASES = {
-    "flintstones": "flintstones",
-    "flintstonessv": "flintstones",
-    "pororo": "pororo",
-    "pororosv": "pororo",
-    "synthsv": "synthsv",
-}
+_NAME_ALIASES = {"flintstonessv": "flintstones", "pororosv": "pororo"}
 
 
 def load_story_dataset(
@@ -102,19 +102,21 @@ def load_story_dataset(
             release has no masks.
         sam_processor: the matching ``transformers.SamProcessor``.
         streaming: return an ``IterableDataset`` that reads lazily.
-        **kwargs: dataset-specific options: ``layout`` and ``bbox_resolution`` (FlintstonesSV and
-            PororoSV; the layout is detected from the files by default), ``caption_index`` (PororoSV),
-            ``num_stories`` (all) and ``cache_dir`` (the Arrow cache of ``datasets``; FlintstonesSV and
-            PororoSV).
+        **kwargs: ``num_stories`` and ``cache_dir`` (all; SynthSV ignores ``cache_dir``), the other
+            :class:`ReleaseOptions` (``bbox_resolution``) and the release's own options: ``layout``
+            (FlintstonesSV and PororoSV; detected from the files by default) and ``caption_index``
+            (PororoSV).
 
     Raises:
-        ValueError: unknown dataset name or split (the message lists the valid ones).
+        ValueError: unknown dataset name or split (the message lists the valid ones), or no ``data_dir``
+            for a release.
+        TypeError: an option the dataset does not take (the message lists the valid ones).
         FileNotFoundError: a release file is missing (the message names it and the expected layout).
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
-    if key not in _NAME_ALIASES:
+    key = _NAME_ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}.")
-    key = _NAME_ALIASES[key]
     split = normalize_split(split)
     if key == "synthsv":
         from .synthsv import load_synthsv
@@ -138,10 +140,6 @@ def load_story_dataset(
         "sam_processor": sam_processor,
         "streaming": streaming,
     }
-    if data_dir is None:
-        raise ValueError(
-            f"{key!r} needs `data_dir`: the folder of its downloaded release (the package downloads nothing)."
-        )
     if key == "flintstones":
         from .flintstones import load_flintstones
 

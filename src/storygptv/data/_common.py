@@ -1,40 +1,30 @@
-"""Shared pieces of the story-dataset loaders: the common schema, splits, frame reading, dataset building."""
+"""The rules every story loader shares: the common schema, split names, label vectors and frame files."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import uuid
-import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
-import PIL.Image
-
-from .masks import box_label_map, label_map_from_segment_ids, refine_label_map_with_sam, resize_label_map
 
 __all__ = [
+    "RELEASE_SPLIT_KEYS",
+    "SPLITS",
     "STORY_COLUMNS",
-    "FrameRecord",
-    "LoadStats",
     "UnreadableFrameError",
-    "build_story_dataset",
+    "label_vector",
     "multi_hot",
     "normalize_split",
     "pick_frame_index",
     "read_npy_frame",
-    "release_story_dataset",
-    "require_file",
+    "release_split",
+    "require_files",
+    "require_frame_file",
     "story_features",
 ]
-
-#: Bump when the produced rows change, so that cached Arrow files are not reused.
-_FORMAT_VERSION = "1"
 
 #: The columns of the common story schema, in order.
 STORY_COLUMNS: tuple[str, ...] = (
@@ -51,24 +41,6 @@ STORY_COLUMNS: tuple[str, ...] = (
     "background",
     "background_labels",
 )
-
-_SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "val": "validation",
-    "valid": "validation",
-    "dev": "validation",
-    "test": "test",
-}
-
-
-def normalize_split(split: str) -> str:
-    """Return ``"train"``, ``"validation"`` or ``"test"`` for a split name (``"val"`` is accepted)."""
-    key = str(split).strip().lower()
-    if key not in _SPLIT_ALIASES:
-        raise ValueError(f"Unknown split {split!r}; valid splits: 'train', 'validation' (or 'val'), 'test'.")
-    return _SPLIT_ALIASES[key]
 
 
 def story_features() -> datasets.Features:
@@ -91,10 +63,97 @@ def story_features() -> datasets.Features:
     )
 
 
-def require_file(path: Path, layout: str) -> Path:
-    """Raise a ``FileNotFoundError`` naming ``path`` and the expected layout when it does not exist."""
+# ------------------------------------------------------------------------------------------------ splits
+
+#: The canonical split names, in the order the releases list them (train, val, test).
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+_SPLIT_ALIASES = {"training": "train", "val": "validation", "valid": "validation", "dev": "validation"}
+
+
+def normalize_split(split: str) -> str:
+    """Return ``"train"``, ``"validation"`` or ``"test"`` for a split name (``"val"`` is accepted).
+
+    Example:
+        >>> normalize_split(" Val "), normalize_split("training")
+        ('validation', 'train')
+    """
+    key = str(split).strip().lower()
+    key = _SPLIT_ALIASES.get(key, key)
+    if key not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; valid splits: 'train', 'validation' (or 'val'), 'test'.")
+    return key
+
+
+#: The keys a release's split file may give each split's list, in lookup order.
+RELEASE_SPLIT_KEYS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "validation": ("val", "validation", "valid"),
+    "test": ("test",),
+}
+
+
+def release_split(splits: Mapping[str, Any], split: str, path: Path) -> list[Any]:
+    """The entries of ``split`` in a release's split file ``path`` (parsed into ``splits``).
+
+    ``split`` is any name :func:`normalize_split` accepts; the file's keys are looked up in
+    :data:`RELEASE_SPLIT_KEYS` order.
+
+    Example:
+        >>> release_split({"train": [1, 2], "val": [3]}, "validation", Path("split.json"))
+        [3]
+    """
+    keys = RELEASE_SPLIT_KEYS[normalize_split(split)]
+    for key in keys:
+        if key in splits:
+            return list(splits[key])
+    raise ValueError(
+        f"{str(path)!r} has no list for split {split!r}: expected one of the keys {list(keys)} "
+        f"(keys: {sorted(splits)})."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def multi_hot(names: Iterable[str], order: Sequence[str]) -> list[int]:
+    """Multi-hot vector of ``names`` (case-insensitive) in the label ``order``; other names are ignored.
+
+    This is the one rule for label vectors: character labels, one-hot backgrounds and judged frames.
+
+    Example:
+        >>> multi_hot(["fred", "Mr Slate"], ("Wilma", "Fred", "Mr Slate"))
+        [0, 1, 1]
+    """
+    wanted = {n.lower() for n in names}
+    return [1 if o.lower() in wanted else 0 for o in order]
+
+
+def label_vector(value: Any) -> list[int]:
+    """A release's stored label vector (array, list, nested) as a flat list of ints."""
+    return [int(v) for v in np.asarray(value).reshape(-1).tolist()]
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def require_files(root: Path, layout: str, *names: str) -> list[Path]:
+    """``root / name`` for each of ``names``; a missing file is a ``FileNotFoundError`` naming it and ``layout``."""
+    paths = [root / name for name in names]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"Missing file {str(path)!r}. Expected layout: {layout}")
+    return paths
+
+
+class UnreadableFrameError(Exception):
+    """A frame file is missing or cannot be decoded (the loaders skip its story with a warning)."""
+
+
+def require_frame_file(path: Path) -> Path:
+    """``path`` when it exists, else :class:`UnreadableFrameError` (its story is skipped, not the split)."""
     if not path.exists():
-        raise FileNotFoundError(f"Missing file {str(path)!r}. Expected layout: {layout}")
+        raise UnreadableFrameError(f"missing frame file {str(path)!r}")
     return path
 
 
@@ -113,10 +172,6 @@ def pick_frame_index(num_frames: int, frame_id: str, seed: int, frame_index: int
         return min(max(index, 0), num_frames - 1)
     mixed = zlib.crc32(f"{int(seed)}:{frame_id}".encode())
     return int(np.random.default_rng(mixed).integers(num_frames))
-
-
-class UnreadableFrameError(Exception):
-    """A frame file exists but cannot be decoded (the loaders skip its story with a warning)."""
 
 
 def to_uint8_rgb(array: np.ndarray) -> np.ndarray:
@@ -141,8 +196,9 @@ def read_npy_frame(path: Path, frame_id: str, seed: int, frame_index: int | None
     """Read one frame of a ``.npy`` clip ((n, H, W, 3) or (H, W, 3)); return ``(frame, k)``.
 
     Raises:
-        UnreadableFrameError: the file cannot be parsed as a clip.
+        UnreadableFrameError: the file is missing or cannot be parsed as a clip.
     """
+    require_frame_file(path)
     try:
         clip = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
@@ -159,290 +215,3 @@ def read_npy_frame(path: Path, frame_id: str, seed: int, frame_index: int | None
         return to_uint8_rgb(frame), k
     except (OSError, ValueError) as error:
         raise UnreadableFrameError(f"{path}: {error}") from error
-
-
-def multi_hot(names: Iterable[str], order: Sequence[str]) -> list[int]:
-    """Multi-hot vector of ``names`` (case-insensitive) in the label ``order``."""
-    wanted = {n.lower() for n in names}
-    return [1 if o.lower() in wanted else 0 for o in order]
-
-
-@dataclass
-class FrameRecord:
-    """One frame of a story before it becomes part of a row of the common schema."""
-
-    frame_id: str
-    image: PIL.Image.Image
-    caption: str
-    characters: list[str]
-    referential_set: list[str]
-    boxes: list[list[float]] = field(default_factory=list)
-    label_map: np.ndarray | None = None
-    character_labels: list[int] = field(default_factory=list)
-    background: str = ""
-    background_labels: list[int] = field(default_factory=list)
-
-
-@dataclass
-class LoadStats:
-    """Counters of one pass over a release (read by the loaders to warn once at the end)."""
-
-    stories: int = 0
-    skipped_stories: int = 0
-    unreadable_frames: list[str] = field(default_factory=list)
-
-    def skip(self, story_id: str, reason: str) -> None:
-        """Record a skipped story and warn about it."""
-        self.skipped_stories += 1
-        self.unreadable_frames.append(reason)
-        warnings.warn(f"Skipping story {story_id!r}: {reason}", stacklevel=3)
-
-    def summary(self, name: str) -> None:
-        """Warn once with the number of skipped stories (nothing when none was skipped)."""
-        if self.skipped_stories:
-            warnings.warn(
-                f"{name}: {self.skipped_stories} stor{'y' if self.skipped_stories == 1 else 'ies'} skipped "
-                f"because of unreadable or missing frames ({self.stories} kept).",
-                stacklevel=3,
-            )
-
-
-def parse_segments(
-    segments: Iterable[dict[str, Any]],
-    caption: str,
-    canonical: Callable[[str], str | None],
-    width: int,
-    height: int,
-    bbox_resolution: float = 128.0,
-) -> tuple[list[str], list[list[float]], dict[int, int]]:
-    """Characters, boxes and ``{segment id: character index}`` from StoryGPT-V ``segments``.
-
-    Each segment is ``{id, bbox, start, end, word}``; ``word`` (else the caption's words ``start`` to
-    ``end``) is mapped to a canonical name by ``canonical`` (``None``: not a character, skipped).
-    Boxes are given at ``bbox_resolution`` pixels and scaled to ``width`` x ``height``; a character
-    with several segments gets the union of their boxes.
-    """
-    words = caption.split()
-    characters: list[str] = []
-    boxes: list[list[float]] = []
-    segment_to_index: dict[int, int] = {}
-    sx, sy = width / float(bbox_resolution), height / float(bbox_resolution)
-    for segment in segments or []:
-        word = segment.get("word")
-        if word is None and "start" in segment and "end" in segment:
-            word = " ".join(words[int(segment["start"]) : int(segment["end"]) + 1])
-        name = canonical(str(word or ""))
-        if name is None:
-            continue
-        if name not in characters:
-            characters.append(name)
-            boxes.append([])
-        index = characters.index(name)
-        if "id" in segment:
-            segment_to_index[int(segment["id"])] = index
-        bbox = segment.get("bbox")
-        if bbox is not None and len(bbox) == 4:
-            box = [bbox[0] * sx, bbox[1] * sy, bbox[2] * sx, bbox[3] * sy]
-            if boxes[index]:
-                old = boxes[index]
-                box = [min(old[0], box[0]), min(old[1], box[1]), max(old[2], box[2]), max(old[3], box[3])]
-            boxes[index] = [float(v) for v in box]
-    return characters, boxes, segment_to_index
-
-
-def read_segment_mask(path: Path, segment_to_index: dict[int, int]) -> np.ndarray | None:
-    """The label map of a StoryGPT-V mask file (values = segment ids), or ``None`` when absent/unreadable."""
-    if not path.exists():
-        return None
-    try:
-        return label_map_from_segment_ids(np.load(path, allow_pickle=False), segment_to_index)
-    except (OSError, ValueError, EOFError) as error:
-        warnings.warn(f"Unreadable mask {str(path)!r} ({error}); using box masks.", stacklevel=2)
-        return None
-
-
-def finalize_frame(record: FrameRecord, sam_model: Any = None, sam_processor: Any = None) -> dict[str, Any]:
-    """Turn a :class:`FrameRecord` into per-frame values of the schema (the label map becomes an image).
-
-    The label map is the release's mask when present, else the box mask (refined with SAM when a
-    model is given), else all zeros.
-    """
-    width, height = record.image.size
-    boxes = [list(map(float, b)) if b is not None and len(b) == 4 else [] for b in record.boxes]
-    while len(boxes) < len(record.characters):
-        boxes.append([])
-    if record.label_map is not None:
-        label = resize_label_map(np.asarray(record.label_map, dtype=np.uint8), height, width)
-    elif any(boxes):
-        label = box_label_map(boxes, height, width)
-        if sam_model is not None and sam_processor is not None:
-            label = refine_label_map_with_sam(record.image, boxes, sam_model, sam_processor)
-    else:
-        label = np.zeros((height, width), dtype=np.uint8)
-    return {
-        "frame_id": record.frame_id,
-        "image": record.image,
-        "segmentation": PIL.Image.fromarray(label, mode="L"),
-        "boxes": boxes,
-    }
-
-
-def fingerprint_of(parts: dict[str, Any], files: Iterable[Path], uncacheable: bool = False) -> str:
-    """A cache fingerprint from the loader arguments and the index files' sizes and times."""
-    signature = []
-    for path in files:
-        try:
-            stat = path.stat()
-            signature.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            signature.append([str(path), None, None])
-    payload = json.dumps(
-        {"v": _FORMAT_VERSION, "args": parts, "files": signature}, sort_keys=True, default=str
-    )
-    if uncacheable:
-        payload += uuid.uuid4().hex
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def build_story_dataset(
-    generator: Callable[[], Iterator[dict[str, Any]]],
-    fingerprint: str,
-    streaming: bool = False,
-    cache_dir: str | None = None,
-    split: str = "train",
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Materialise ``generator`` (rows of the common schema) as a Dataset or an IterableDataset."""
-    features = story_features()
-    named_split = datasets.NamedSplit(split)
-    if streaming:
-        return datasets.IterableDataset.from_generator(generator, features=features, split=named_split)
-    try:
-        return datasets.Dataset.from_generator(
-            generator, features=features, cache_dir=cache_dir, fingerprint=fingerprint, split=named_split
-        )
-    except ValueError as error:
-        if "corresponds to no data" in str(error):  # every story was skipped
-            return empty_dataset(split)
-        raise
-    except datasets.exceptions.DatasetGenerationError as error:
-        # Re-raise the user-facing cause (e.g. FileNotFoundError) rather than the wrapper.
-        cause = error.__cause__ or error.__context__
-        if isinstance(cause, FileNotFoundError | ValueError):
-            raise cause from error
-        raise
-
-
-def empty_dataset(split: str = "train") -> datasets.Dataset:
-    """An empty dataset with the common schema (``from_generator`` cannot build one)."""
-    features = story_features()
-    return datasets.Dataset.from_dict(
-        {k: [] for k in features}, features=features, split=datasets.NamedSplit(split)
-    )
-
-
-def assemble_row(
-    story_id: str,
-    frames: list[dict[str, Any]],
-    records: list[FrameRecord],
-    referential_captions: list[str],
-    ref_flags: list[bool],
-) -> dict[str, Any]:
-    """One row of the common schema from finalised frames and their records."""
-    return {
-        "story_id": story_id,
-        "frame_ids": [f["frame_id"] for f in frames],
-        "images": [f["image"] for f in frames],
-        "captions": [r.caption for r in records],
-        "referential_captions": referential_captions,
-        "is_referential": ref_flags,
-        "characters": [r.characters for r in records],
-        "boxes": [f["boxes"] for f in frames],
-        "segmentation": [f["segmentation"] for f in frames],
-        "character_labels": [list(map(int, r.character_labels)) for r in records],
-        "background": [r.background for r in records],
-        "background_labels": [list(map(int, r.background_labels)) for r in records],
-    }
-
-
-#: ``(referential captions, ref flags)`` of a story's frame records.
-ReferentialRule = Callable[[list[FrameRecord]], tuple[list[str], list[bool]]]
-
-
-def release_story_dataset(
-    label: str,
-    root: Path,
-    split: str,
-    stories: list[list[str]],
-    frame_record: Callable[[str], FrameRecord],
-    index_files: Iterable[Path],
-    *,
-    name: str,
-    layout: str,
-    frames_per_story: int,
-    referential: bool,
-    referential_rule: ReferentialRule,
-    compat: str | None,
-    seed: int,
-    frame_index: int | None,
-    num_stories: int | None,
-    bbox_resolution: int,
-    sam_model: Any = None,
-    sam_processor: Any = None,
-    streaming: bool = False,
-    cache_dir: str | None = None,
-    story_key: Callable[[str], str] | None = None,
-    **cache_key: Any,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """The end of a release loader (FlintstonesSV, PororoSV ``label``): the dataset of ``stories``.
-
-    Keeps the first ``num_stories`` stories (an empty dataset, with a warning, when none is left). Each
-    row reads its frames with ``frame_record`` (a story with an unreadable frame is skipped with a
-    warning naming ``story_key(first frame id)``, and one summary warning counts them), takes its
-    referential captions from ``referential_rule`` (when ``referential``) and finalises the frames
-    (SAM-refined box masks with ``sam_model``). The Arrow cache is keyed by the loader arguments
-    (``name`` ... ``bbox_resolution`` and the loader's own ``cache_key``) and the ``index_files``; a
-    SAM run is never reused.
-    """
-    if num_stories is not None:
-        stories = stories[: int(num_stories)]
-    if not stories:
-        warnings.warn(f"{label} {split}: no story found in {str(root)!r}.", stacklevel=3)
-        return empty_dataset(split)
-
-    def generate() -> Iterator[dict[str, Any]]:
-        stats = LoadStats()
-        for story in stories:
-            try:
-                records = [frame_record(frame_id) for frame_id in story]
-            except UnreadableFrameError as error:
-                stats.skip(story_key(story[0]) if story_key else story[0], str(error))
-                continue
-            stats.stories += 1
-            captions = [r.caption for r in records]
-            if referential:
-                ref_captions, flags = referential_rule(records)
-            else:
-                ref_captions, flags = list(captions), [False] * len(captions)
-            frames = [finalize_frame(r, sam_model, sam_processor) for r in records]
-            yield assemble_row(records[0].frame_id, frames, records, ref_captions, flags)
-        stats.summary(f"{label} {split}")
-
-    fingerprint = fingerprint_of(
-        {
-            "name": name,
-            "root": str(root.resolve()),
-            "layout": layout,
-            "split": split,
-            "frames_per_story": frames_per_story,
-            "referential": referential,
-            "compat": compat,
-            "seed": seed,
-            "frame_index": frame_index,
-            "num_stories": num_stories,
-            "bbox_resolution": bbox_resolution,
-            **cache_key,
-        },
-        index_files,
-        uncacheable=sam_model is not None,
-    )
-    return build_story_dataset(generate, fingerprint, streaming=streaming, cache_dir=cache_dir, split=split)

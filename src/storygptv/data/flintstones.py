@@ -48,27 +48,25 @@ Choices and assumptions:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import PIL.Image
 
+from ..characters import canonical_name
 from ._common import (
-    FrameRecord,
     UnreadableFrameError,
+    label_vector,
     multi_hot,
-    normalize_split,
-    parse_segments,
     read_npy_frame,
-    read_segment_mask,
-    release_story_dataset,
-    require_file,
+    release_split,
+    require_files,
 )
-from .referential import FLINTSTONES_FEMALE, FLINTSTONES_MALE, flintstones_referential, normalize_compat
-from .safe_pickle import safe_load_pickle
+from ._release import FrameRecord, ReleaseOptions, chain_stories, release_root, release_story_dataset
+from ._storygptv import read_segment_annotations
+from .referential import FLINTSTONES_FEMALE, FLINTSTONES_MALE, flintstones_referential
+from .safe_pickle import safe_load_dict, safe_load_pickle
 
 __all__ = [
     "CHARACTERS",
@@ -104,15 +102,18 @@ _LAYOUT_ALIASES = {
     "storygptv": "storygptv",
 }
 
-_CANONICAL = {name.lower(): name for name in CHARACTERS}
-_CANONICAL.update({"slate": "Mr Slate", "mister slate": "Mr Slate", "mrslate": "Mr Slate"})
+#: Other spellings of a character in the annotations (keys as :func:`storygptv.characters.canonical_name` reads them).
+_ALIASES = {"slate": "Mr Slate", "mister slate": "Mr Slate", "mrslate": "Mr Slate"}
 
 
 def canonical_character(word: str) -> str | None:
-    """The canonical name (e.g. ``"Mr Slate"``) of an annotated name, or ``None`` for other people."""
-    key = re.sub(r"['’]s$", "", str(word).strip().lower())
-    key = " ".join(key.replace(".", " ").replace("_", " ").split())
-    return _CANONICAL.get(key)
+    """The canonical name (e.g. ``"Mr Slate"``) of an annotated name, or ``None`` for other people.
+
+    Example:
+        >>> canonical_character("mr. slate"), canonical_character("Fred's"), canonical_character("woman")
+        ('Mr Slate', 'Fred', None)
+    """
+    return canonical_name(word, CHARACTERS, _ALIASES)
 
 
 def detect_layout(data_dir: str | Path) -> str:
@@ -133,22 +134,6 @@ def detect_layout(data_dir: str | Path) -> str:
     )
 
 
-def _load_dict(path: Path) -> dict[Any, Any]:
-    """A pickled dict (restricted unpickler: no code from the file runs)."""
-    value = safe_load_pickle(path)
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} should hold a pickled dict, got {type(value).__name__}.")
-    return value
-
-
-def _split_ids(splits: dict[str, Any], split: str, path: Path) -> list[str]:
-    keys = {"train": ("train",), "validation": ("val", "validation", "valid"), "test": ("test",)}[split]
-    for key in keys:
-        if key in splits:
-            return [str(i) for i in splits[key]]
-    raise ValueError(f"{str(path)!r} has no {keys[0]!r} list (keys: {sorted(splits)}).")
-
-
 def _first_existing(root: Path, names: tuple[str, ...], layout: str) -> Path:
     for name in names:
         if (root / name).is_dir():
@@ -156,51 +141,23 @@ def _first_existing(root: Path, names: tuple[str, ...], layout: str) -> Path:
     raise FileNotFoundError(f"Missing frame folder {str(root / names[0])!r}. Expected layout: {layout}")
 
 
-def _vector(value: Any) -> list[int]:
-    return [int(v) for v in np.asarray(value).reshape(-1).tolist()]
-
-
 def load_flintstones(
-    data_dir: str | Path,
-    split: str = "train",
-    frames_per_story: int = 4,
-    referential: bool = True,
-    referential_compat: str | None = None,
-    seed: int = 0,
-    frame_index: int | None = None,
-    sam_model: Any = None,
-    sam_processor: Any = None,
-    streaming: bool = False,
-    layout: str | None = None,
-    num_stories: int | None = None,
-    bbox_resolution: int = 128,
-    cache_dir: str | None = None,
+    data_dir: str | Path, split: str = "train", *, layout: str | None = None, **options: Any
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load a FlintstonesSV split in the common story schema (one row per story).
 
     Args:
         data_dir: the release folder (either layout, see the module docstring).
         split: ``"train"``, ``"validation"`` (or ``"val"``) or ``"test"``.
-        frames_per_story: frames per story (at most 5 in the StoryDALL-E layout, 4 in StoryGPT-V's).
-        referential: substitute pronouns (:func:`storygptv.data.referential.flintstones_referential`).
-        referential_compat: ``None`` (fixed rules), ``"make-a-story"`` or ``"storygptv"``.
-        seed: seeds the choice of one frame per clip.
-        frame_index: use this frame of every clip instead of a seeded choice.
-        sam_model: optional ``transformers.SamModel`` refining box masks where no release mask exists.
-        sam_processor: the matching ``transformers.SamProcessor``.
-        streaming: return an ``IterableDataset`` that reads frames lazily.
         layout: ``"storygptv"`` or ``"storydalle"`` (alias ``"arldm"``); detected when ``None``.
-        num_stories: keep only the first stories of the split.
-        bbox_resolution: the resolution the segment boxes are given at (StoryGPT-V: 128).
-        cache_dir: where ``datasets`` writes the Arrow cache (its default when ``None``).
+        **options: the loading options of :class:`~storygptv.data.ReleaseOptions`: ``frames_per_story``
+            (at most 5 in the StoryDALL-E layout, 4 in StoryGPT-V's), ``num_stories``, ``referential``
+            (:func:`~storygptv.data.referential.flintstones_referential`), ``referential_compat``,
+            ``seed`` (which frame of a clip), ``frame_index``, ``bbox_resolution``, ``sam_model``,
+            ``sam_processor``, ``streaming`` and ``cache_dir``.
     """
-    if data_dir is None:
-        raise ValueError(
-            "FlintstonesSV is not downloaded by the package: pass `data_dir`, the release folder."
-        )
-    root = Path(data_dir).expanduser()
-    split = normalize_split(split)
-    compat = normalize_compat(referential_compat)
+    options = ReleaseOptions.from_kwargs("FlintstonesSV", split, options)
+    root = release_root(data_dir, "FlintstonesSV", " | ".join(LAYOUTS.values()))
     if layout is None:
         layout = detect_layout(root)
     else:
@@ -209,27 +166,23 @@ def load_flintstones(
             raise ValueError(f"Unknown FlintstonesSV layout {layout!r}; valid: {sorted(_LAYOUT_ALIASES)}.")
         layout = _LAYOUT_ALIASES[key]
     layout_text = LAYOUTS[layout]
-    max_len = 5 if layout == "storydalle" else 4
-    if not 1 <= int(frames_per_story) <= max_len:
-        raise ValueError(
-            f"frames_per_story={frames_per_story} is not available in the {layout} layout of FlintstonesSV "
-            f"(its stories have {max_len} frames); pass 1 to {max_len}."
-        )
-    frames_per_story = int(frames_per_story)
+    frames_per_story = options.check_frames_per_story(
+        "FlintstonesSV", layout, 5 if layout == "storydalle" else 4
+    )
 
     v1_path = root / "flintstones_annotations_v1-0.json"
     v1: dict[str, dict[str, Any]] = {}
     index_files: list[Path] = []
     if layout == "storydalle":
-        split_path = require_file(root / "train-val-test_split.json", layout_text)
-        follow_path = require_file(root / "following_cache4.pkl", layout_text)
-        require_file(v1_path, layout_text)
+        split_path, follow_path, _ = require_files(
+            root, layout_text, "train-val-test_split.json", "following_cache4.pkl", v1_path.name
+        )
         frame_dir = _first_existing(root, ("video_frames_sampled", "video_frames_sampled_4x"), layout_text)
         annotations: dict[str, dict[str, Any]] = {}
     else:
-        split_path = require_file(root / "split.json", layout_text)
-        follow_path = require_file(root / "following_cache3.pkl", layout_text)
-        ann_path = require_file(root / "cleaned_annotations.json", layout_text)
+        split_path, follow_path, ann_path = require_files(
+            root, layout_text, "split.json", "following_cache3.pkl", "cleaned_annotations.json"
+        )
         frame_dir = _first_existing(root, ("video_frames_sampled_4x", "video_frames_sampled"), layout_text)
         with open(ann_path, encoding="utf-8") as handle:
             annotations = {str(k): v for k, v in json.load(handle).items()}
@@ -239,10 +192,10 @@ def load_flintstones(
             v1 = {str(s["globalID"]): s for s in json.load(handle)}
         index_files.append(v1_path)
     with open(split_path, encoding="utf-8") as handle:
-        ids = _split_ids(json.load(handle), split, split_path)
-    followings = {str(k): [str(i) for i in v] for k, v in _load_dict(follow_path).items()}
+        ids = [str(i) for i in release_split(json.load(handle), options.split, split_path)]
+    followings = {str(k): [str(i) for i in v] for k, v in safe_load_dict(follow_path, layout_text).items()}
     labels_path, bg_path = root / "labels.pkl", root / "labels_bg.pkl"
-    labels = {str(k): v for k, v in _load_dict(labels_path).items()} if labels_path.exists() else {}
+    labels = {str(k): v for k, v in safe_load_dict(labels_path).items()} if labels_path.exists() else {}
     bg_labels: dict[str, Any] = {}
     if bg_path.exists():
         raw = safe_load_pickle(bg_path)
@@ -250,87 +203,66 @@ def load_flintstones(
         bg_labels = {str(k): v for k, v in raw.items()}
     mask_dir = root / "seg_mask_4x_comb"
     index_files += [split_path, follow_path, labels_path, bg_path]
-
-    stories = [
-        [first] + followings[first][: frames_per_story - 1]
-        for first in ids
-        if first in followings and len(followings[first]) >= frames_per_story - 1
-    ]
+    stories = chain_stories(ids, followings, frames_per_story)
 
     def frame_record(frame_id: str) -> FrameRecord:
-        path = frame_dir / f"{frame_id}.npy"
-        if not path.exists():
-            raise UnreadableFrameError(f"missing frame file {str(path)!r}")
-        array, k = read_npy_frame(path, frame_id, seed, frame_index)
-        image = PIL.Image.fromarray(array, mode="RGB")
-        height, width = array.shape[:2]
+        array, k = read_npy_frame(frame_dir / f"{frame_id}.npy", frame_id, options.seed, options.frame_index)
         v1_entry = v1.get(frame_id, {})
         entity_labels = [str(c.get("entityLabel", "")).strip() for c in v1_entry.get("characters", [])]
-        characters: list[str] = []
-        boxes: list[list[float]] = []
         label_map = None
         if layout == "storydalle":
             caption = str(v1_entry.get("description", ""))
-            for label in entity_labels:
-                name = canonical_character(label)
-                if name and name not in characters:
-                    characters.append(name)
-                    boxes.append([])
+            characters = list(dict.fromkeys(n for n in map(canonical_character, entity_labels) if n))
+            boxes: list[list[float]] = [[] for _ in characters]
             background = str(v1_entry.get("setting", "") or "")
-            ref_set = [" ".join(e.lower().split()) for e in entity_labels if e]
         else:
             entry = annotations.get(frame_id)
             if entry is None:
                 raise UnreadableFrameError(f"{frame_id!r} is not in cleaned_annotations.json")
             caption = str(entry.get("caption", v1_entry.get("description", "")))
-            characters, boxes, segment_to_index = parse_segments(
-                entry.get("segments", []), caption, canonical_character, width, height, bbox_resolution
+            characters, boxes, label_map = read_segment_annotations(
+                entry,
+                caption,
+                canonical_character,
+                array.shape,
+                mask_dir / f"{frame_id}-frame{k}.npy",
+                options.bbox_resolution,
             )
-            if characters:
-                label_map = read_segment_mask(mask_dir / f"{frame_id}-frame{k}.npy", segment_to_index)
             background = str(entry.get("setting", v1_entry.get("setting", "")) or "")
-            if entity_labels:
-                ref_set = [" ".join(e.lower().split()) for e in entity_labels if e]
-            else:
-                ref_set = [n.lower() for n in characters]
-        char_labels = _vector(labels[frame_id]) if frame_id in labels else multi_hot(characters, CHARACTERS)
-        bg = _vector(bg_labels[frame_id]) if frame_id in bg_labels else []
+        # The referential rules use every annotated person (as the public code does), else the characters.
+        if entity_labels or layout == "storydalle":
+            ref_set = [" ".join(e.lower().split()) for e in entity_labels if e]
+        else:
+            ref_set = [n.lower() for n in characters]
         return FrameRecord(
             frame_id=frame_id,
-            image=image,
+            image=PIL.Image.fromarray(array, mode="RGB"),
             caption=caption,
             characters=characters,
             referential_set=ref_set,
             boxes=boxes,
             label_map=label_map,
-            character_labels=char_labels,
+            character_labels=(
+                label_vector(labels[frame_id]) if frame_id in labels else multi_hot(characters, CHARACTERS)
+            ),
             background=background,
-            background_labels=bg,
+            background_labels=label_vector(bg_labels[frame_id]) if frame_id in bg_labels else [],
         )
 
     def referential_rule(records: list[FrameRecord]) -> tuple[list[str], list[bool]]:
         captions = [r.caption for r in records]
-        return flintstones_referential(captions, [r.referential_set for r in records], compat=compat)
+        return flintstones_referential(
+            captions, [r.referential_set for r in records], compat=options.referential_compat
+        )
 
     return release_story_dataset(
         "FlintstonesSV",
         root,
-        split,
+        options,
         stories,
         frame_record,
         index_files,
         name="flintstones",
         layout=layout,
-        frames_per_story=frames_per_story,
-        referential=referential,
         referential_rule=referential_rule,
-        compat=compat,
-        seed=seed,
-        frame_index=frame_index,
-        num_stories=num_stories,
-        bbox_resolution=bbox_resolution,
-        sam_model=sam_model,
-        sam_processor=sam_processor,
-        streaming=streaming,
-        cache_dir=cache_dir,
     )

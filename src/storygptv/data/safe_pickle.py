@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["UnsafePickleError", "safe_load_npy", "safe_load_pickle"]
+__all__ = ["UnsafePickleError", "safe_load_dict", "safe_load_npy", "safe_load_pickle"]
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -161,3 +161,24 @@ def safe_load_npy(path: str | Path, encoding: str = "latin1") -> np.ndarray:
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{str(path)!r} holds a {type(array).__name__} after its .npy header, not an array.")
     return array
+
+
+def safe_load_dict(path: str | Path, layout: str | None = None) -> dict[Any, Any]:
+    """A pickled dict from a ``.pkl`` file or a ``.npy`` file (a 0-d object array holding the dict).
+
+    Args:
+        path: the data file.
+        layout: the expected release layout, named in the error when the file holds no dict.
+
+    Raises:
+        UnsafePickleError: the pickle names something other than the allowed data types.
+        ValueError: the file is unreadable or holds something other than a dict.
+    """
+    path = Path(path)
+    value = safe_load_npy(path) if path.suffix == ".npy" else safe_load_pickle(path)
+    if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, dict):
+        expected = f" Expected layout: {layout}" if layout else ""
+        raise ValueError(f"{str(path)!r} should hold a pickled dict, got {type(value).__name__}.{expected}")
+    return value

@@ -1,4 +1,7 @@
-"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge."""
+"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge.
+
+The judge's calibration harness is :mod:`storygptv.evaluation.synthsv_calibration` (not imported here).
+"""
 
 from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics

@@ -22,32 +22,8 @@ without a learned classifier:
    pixels (the smallest sprite, a sitting triangle, diamond or bar, has 80). Characters are
    reported in :data:`~storygptv.data.synthsv.CHARACTERS` order, whatever their position.
 
-Calibration (``python -m storygptv.evaluation.synthsv`` reruns it with
-:func:`calibration_report`): 2,000 uniformly random frames (1-3 characters, all slots, poses and
-backgrounds) per condition; "exact" = the whole character set right; "min present" = smallest
-largest-blob size of a character that is in the frame; "max absent" = largest blob of a character
-that is not (the threshold ``min_pixels`` is 26):
-
-=========================================  =======  ==========  ===========  ==========
-condition                                  exact    background  min present  max absent
-=========================================  =======  ==========  ===========  ==========
-clean render                               100%     100%        80           0
-Gaussian blur radius 1                     100%     100%        48           0
-additive Gaussian noise std 10             100%     100%        80           0
-additive Gaussian noise std 20             100%     100%        72           0
-blur radius 1 + noise std 15               100%     100%        41           0
-upsampled to 256 px (bicubic)              100%     100%        80           0
-JPEG quality 75                            100%     100%        46           0
-=========================================  =======  ==========  ===========  ==========
-
-Pure noise, 1,000 images each: uniform RGB noise, Gaussian noise (mean 128, std 64) and uniform
-noise blurred with radius 1 give no character and no background in 100% of images; the largest
-blob of any character colour is 7, 7 and 13 pixels. Backgrounds: the sky / ground medians of
-degraded renders stay within 4 of the true colours, noise images stay at least 97 away from every
-background, and two backgrounds differ by at least 72 (sky or ground), hence ``bg_tolerance = 45``.
-Beyond the calibrated range (400 frames): blur radius 1.5 gives 98.8% exact frames, blur 1.5 +
-noise 20 gives 97.8%, noise std 30 and a 32 px round trip (bilinear down and up) give 100%; the
-misses are Hana's sitting ring, whose arcs are 2.5 px thick.
+The thresholds are calibrated on degraded renders and pure noise; the figures and the harness that
+reproduces them are in :mod:`storygptv.evaluation.synthsv_calibration`.
 
 Timing: about 1.2 ms of CPU per 64x64 frame.
 """
@@ -61,6 +37,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from storygptv.data import multi_hot
 from storygptv.data.synthsv import (
     BACKGROUND_COLORS,
     BACKGROUNDS,
@@ -104,7 +81,7 @@ class JudgedFrame:
     @property
     def character_labels(self) -> np.ndarray:
         """Multi-hot int8 vector over :data:`CHARACTERS`."""
-        return np.array([int(name in self.characters) for name in CHARACTERS], dtype=np.int8)
+        return np.array(multi_hot(self.characters, CHARACTERS), dtype=np.int8)
 
 
 def image_to_array(image: Any, size: int = CANVAS_SIZE) -> np.ndarray:
@@ -279,10 +256,7 @@ def _story_truth(story: SynthStory | Mapping[str, Any]) -> tuple[list[np.ndarray
     if "character_labels" in story:
         labels = [np.asarray(v, dtype=np.int8) for v in story["character_labels"]]
     else:
-        labels = [
-            np.array([int(name in frame) for name in CHARACTERS], dtype=np.int8)
-            for frame in story["characters"]
-        ]
+        labels = [np.array(multi_hot(frame, CHARACTERS), dtype=np.int8) for frame in story["characters"]]
     return labels, list(story["background"])
 
 
@@ -347,134 +321,3 @@ def score_stories(
 ) -> dict[str, float]:
     """:meth:`SynthSVJudge.score_stories` with the default calibration."""
     return _default_judge().score_stories(generated, stories)
-
-
-# --------------------------------------------------------------------------------------------------
-# Calibration
-# --------------------------------------------------------------------------------------------------
-
-
-def random_frames(num_frames: int, seed: int = 0) -> list[Any]:
-    """Uniformly random SynthSV frames (1-3 characters, any slots, pose and background)."""
-    from storygptv.data.synthsv import ACTIONS, SynthFrame
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    for _ in range(num_frames):
-        n = int(rng.integers(1, 4))
-        names = tuple(CHARACTERS[i] for i in rng.permutation(len(CHARACTERS))[:n])
-        slots = tuple(sorted(rng.permutation(3)[:n].tolist()))
-        frames.append(
-            SynthFrame(
-                characters=names,
-                slots=slots,
-                action=ACTIONS[int(rng.integers(len(ACTIONS)))],
-                background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
-            )
-        )
-    return frames
-
-
-def degrade(image: PIL.Image.Image, condition: str, rng: np.random.Generator) -> PIL.Image.Image:
-    """Apply a calibration condition: "clean", "blur", "noise10", "noise20", "blur_noise15",
-    "upsample_bicubic", "jpeg75"."""
-    import io
-
-    from PIL import ImageFilter
-
-    def noisy(img: PIL.Image.Image, std: float) -> PIL.Image.Image:
-        array = np.asarray(img, dtype=np.float32) + rng.normal(0.0, std, size=(img.height, img.width, 3))
-        return PIL.Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="RGB")
-
-    if condition == "clean":
-        return image
-    if condition == "blur":
-        return image.filter(ImageFilter.GaussianBlur(radius=1))
-    if condition == "noise10":
-        return noisy(image, 10.0)
-    if condition == "noise20":
-        return noisy(image, 20.0)
-    if condition == "blur_noise15":
-        return noisy(image.filter(ImageFilter.GaussianBlur(radius=1)), 15.0)
-    if condition == "upsample_bicubic":
-        return image.resize((256, 256), resample=PIL.Image.BICUBIC)
-    if condition == "jpeg75":
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=75)
-        return PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    raise ValueError(f"unknown condition {condition!r}")
-
-
-def noise_image(kind: str, rng: np.random.Generator, size: int = CANVAS_SIZE) -> PIL.Image.Image:
-    """A pure-noise image: "uniform", "gaussian" (mean 128, std 64) or "blurred" uniform noise."""
-    from PIL import ImageFilter
-
-    if kind == "uniform":
-        array = rng.integers(0, 256, size=(size, size, 3))
-    elif kind == "gaussian":
-        array = np.clip(np.round(rng.normal(128.0, 64.0, size=(size, size, 3))), 0, 255)
-    elif kind == "blurred":
-        img = PIL.Image.fromarray(rng.integers(0, 256, size=(size, size, 3)).astype(np.uint8), mode="RGB")
-        return img.filter(ImageFilter.GaussianBlur(radius=1))
-    else:
-        raise ValueError(f"unknown noise kind {kind!r}")
-    return PIL.Image.fromarray(array.astype(np.uint8), mode="RGB")
-
-
-CONDITIONS = ("clean", "blur", "noise10", "noise20", "blur_noise15", "upsample_bicubic", "jpeg75")
-NOISE_KINDS = ("uniform", "gaussian", "blurred")
-
-
-def calibration_report(
-    num_frames: int = 2000, num_noise: int = 1000, seed: int = 0, judge: SynthSVJudge | None = None
-) -> dict[str, dict[str, float]]:
-    """Judge accuracy under each condition, and false detections on noise images.
-
-    Returns ``{condition: {"char_exact", "background", "min_present", "max_absent"}}`` (percentages
-    and core-pixel counts) and ``{"noise_<kind>": {"no_character", "no_background", "max_core"}}``.
-    """
-    from storygptv.data.synthsv import render_frame
-
-    judge = judge or _default_judge()
-    frames = random_frames(num_frames, seed)
-    clean = [render_frame(f)[0] for f in frames]
-    report: dict[str, dict[str, float]] = {}
-    for condition in CONDITIONS:
-        rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
-        exact = bg_ok = 0
-        min_present, max_absent = 10**9, 0
-        for frame, image in zip(frames, clean):
-            judged = judge.judge_frame(degrade(image, condition, rng))
-            exact += set(judged.characters) == set(frame.characters)
-            bg_ok += judged.background == frame.background
-            for name, count in zip(CHARACTERS, judged.pixel_counts):
-                if name in frame.characters:
-                    min_present = min(min_present, count)
-                else:
-                    max_absent = max(max_absent, count)
-        report[condition] = {
-            "char_exact": 100.0 * exact / num_frames,
-            "background": 100.0 * bg_ok / num_frames,
-            "min_present": float(min_present),
-            "max_absent": float(max_absent),
-        }
-    for kind in NOISE_KINDS:
-        rng = np.random.default_rng([seed, 100 + NOISE_KINDS.index(kind)])
-        no_char = no_bg = 0
-        max_core = 0
-        for _ in range(num_noise):
-            judged = judge.judge_frame(noise_image(kind, rng))
-            no_char += not judged.characters
-            no_bg += judged.background is None
-            max_core = max(max_core, max(judged.pixel_counts))
-        report[f"noise_{kind}"] = {
-            "no_character": 100.0 * no_char / num_noise,
-            "no_background": 100.0 * no_bg / num_noise,
-            "max_core": float(max_core),
-        }
-    return report
-
-
-if __name__ == "__main__":  # pragma: no cover
-    for key, values in calibration_report().items():
-        print(key, {k: round(v, 2) for k, v in values.items()})
