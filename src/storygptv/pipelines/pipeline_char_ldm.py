@@ -34,6 +34,7 @@ EXAMPLE_DOC_STRING = """
         ...     characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
         ...     num_inference_steps=30,
         ... ).images[0]
+
         ```
 """
 

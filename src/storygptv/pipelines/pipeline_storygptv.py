@@ -45,15 +45,18 @@ EXAMPLE_DOC_STRING = """
 
         >>> pipe = StoryGPTVPipeline.from_pretrained(storygptv.DEFAULT_MODEL)
         >>> refs = reference_images()
+        >>> cast = {"Ava": refs["Ava"], "Bo": refs["Bo"]}
         >>> story = pipe(
         ...     ["Ava and Bo are standing in the forest.", "They are jumping.", "Ava is waving."],
-        ...     characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
+        ...     characters=cast,
         ...     generator=torch.Generator().manual_seed(42),
         ... )
-        >>> story.captions[1]  # what the story model resolved "They" (and the setting) to
-        'Ava and Bo are jumping in the forest.'
-        >>> more = pipe(["They are sitting."], characters={"Ava": refs["Ava"], "Bo": refs["Bo"]},
-        ...             story_context=story.story_context)  # continue the same story
+        >>> len(story.images), story.characters[0]  # story.captions: what "They" (and the setting) became
+        (3, ['Ava', 'Bo'])
+        >>> more = pipe(["They are sitting."], characters=cast, story_context=story.story_context)  # continue
+        >>> more.story_context.num_frames_committed
+        4
+
         ```
 """
 
