@@ -10,7 +10,8 @@ import torch
 
 from storygptv.characters import find_character_tokens
 from storygptv.data import story_features
-from storygptv.data.collators import CLIP_MEAN, CLIP_STD, CharLDMCollator, story_frames
+from storygptv.data.collators import CharLDMCollator, frame_pixel_values, story_frames
+from storygptv.models.fuser import CLIP_MEAN, CLIP_STD
 
 
 def _frame(
@@ -232,3 +233,25 @@ def test_story_frames_keeps_frames_rendered_by_a_format_transform():
     frames = story_frames(lazy)
     assert frames[0]["image"].getpixel((0, 0)) == (1, 2, 3)
     assert frames[0]["background"] == "yard" and frames[0]["characters"] == ["Fred"]
+
+
+def test_reseed_restarts_the_collators_randomness(clip_tokenizer):
+    """After ``reseed(s)`` the collator draws what a collator built with ``seed=s`` draws (mix, crops)."""
+    frames = [_frame(), _frame("Wilma waves at Barney.", ("Wilma",))] * 4
+    options = {"resolution": 16, "reference_size": 16, "augment": True}
+    fresh = CharLDMCollator(clip_tokenizer, seed=123, **options)(frames)
+    used = CharLDMCollator(clip_tokenizer, seed=5, **options)
+    used(frames)
+    used.reseed(123)
+    again = used(frames)
+    assert used.seed == 123
+    for key in ("condition", "reference_pixel_values", "character_token_indices"):
+        assert torch.equal(again[key], fresh[key]), key
+
+
+def test_frame_pixel_values_is_the_collators_target():
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    pixels = frame_pixel_values(image, 16)
+    resized = np.asarray(image.resize((16, 16), PIL.Image.Resampling.BICUBIC), dtype=np.float32)
+    assert torch.equal(pixels, torch.from_numpy(resized).permute(2, 0, 1) / 127.5 - 1.0)
+    assert torch.equal(frame_pixel_values(image, 16, raw=True), torch.from_numpy(resized).permute(2, 0, 1))

@@ -95,6 +95,16 @@ def test_random_target_never_frame_zero_and_seeded(setup):
     assert batch["target_frame"].tolist() == [0] and batch["image_embeds"].shape == (0, 32)
 
 
+def test_reseed_restarts_the_random_targets(setup):
+    tok, cfg = setup
+    row = make_row(as_lists=True)[0]
+    fresh = StoryGPTVCollator(tok, cfg, seed=11)([row] * 8)["target_frame"]
+    used = StoryGPTVCollator(tok, cfg, seed=2)
+    used([row] * 5)
+    used.reseed(11)
+    assert torch.equal(used([row] * 8)["target_frame"], fresh)
+
+
 def test_truncation_keeps_recent_frames(setup):
     tok, cfg = setup
     n = 12

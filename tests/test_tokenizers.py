@@ -26,3 +26,14 @@ def test_subword_splits_and_specials():
     causal = build_bpe_tokenizer(style="causal_lm", extra_special_tokens=["<|image|>"])
     ids = causal("Fred <|image|>")["input_ids"]
     assert ids[0] == causal.bos_token_id and ids[-1] == causal.convert_tokens_to_ids("<|image|>")
+
+
+def test_production_home_of_the_builder():
+    """Training scripts import the builder from ``storygptv.tokenization``; ``testing`` only re-exports it."""
+    from storygptv import tokenization
+    from storygptv.testing import tokenizers
+
+    assert tokenizers.build_bpe_tokenizer is tokenization.build_bpe_tokenizer
+    assert tokenizers.DEFAULT_CORPUS is tokenization.DEFAULT_CORPUS
+    tok = tokenization.build_bpe_tokenizer(["Ava waves at Bo.", "Bo waves back."], vocab_size=300)
+    assert tok.convert_ids_to_tokens(tok("Bo waves")["input_ids"])[1:-1] == ["bo</w>", "waves</w>"]

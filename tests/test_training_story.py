@@ -13,12 +13,22 @@ import pytest
 import torch
 
 from storygptv.grounding import with_setting
-from storygptv.training_utils import TrainingSetupError
+from storygptv.training.checks import TrainingSetupError
+from storygptv.training.stage2 import (
+    BEST_DIR,
+    TRAINABLE_FILE,
+    AlignmentValidator,
+    DenoisingLoss,
+    Stage2Collator,
+)
+from storygptv.training.target_encoding import target_captions
+from storygptv.training.targets import CONFIG_FILE, load_precomputed_targets
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
 
 
 def _script(name: str):
+    """A training script as a module (the tests call their ``main``; scripts never load each other)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
@@ -134,7 +144,7 @@ def test_precomputed_targets_match_the_pipeline(precompute, targets_dir, char_ld
     from storygptv.data.synthsv import reference_images
     from storygptv.pipelines.pipeline_storygptv import encode_story_images
 
-    data = precompute.load_precomputed_targets(targets_dir)
+    data = load_precomputed_targets(targets_dir)
     assert len(data) == 6 and "images" in data.column_names
     row = data[5]
     assert row["image_embeds"].shape == (4, 32) and row["target_conditioning"].shape == (4, 77, 32)
@@ -161,11 +171,11 @@ def test_precompute_resumes_without_redoing_finished_shards(precompute, targets_
         "--num_stories", "6", "--shard_size", "4", "--output_dir", str(path),
     ]  # fmt: skip
     with pytest.raises(TrainingSetupError, match="incomplete"):
-        precompute.load_precomputed_targets(path)
+        load_precomputed_targets(path)
     precompute.main(argv)
     assert kept.stat().st_mtime_ns == before
-    again = precompute.load_precomputed_targets(path)
-    ref = precompute.load_precomputed_targets(targets_dir)
+    again = load_precomputed_targets(path)
+    ref = load_precomputed_targets(targets_dir)
     assert torch.equal(again[5]["target_conditioning"], ref[5]["target_conditioning"])
     # Other settings in the same folder: refused.
     with pytest.raises(TrainingSetupError, match="target_type"):
@@ -181,7 +191,7 @@ def test_name_background_restores_the_setting_of_the_target_caption(precompute, 
     assert with_setting("Bo sits in the Lake.", "lake") == "Bo sits in the Lake."
     assert with_setting("Bo sits", "cave") == "Bo sits in the cave."
     with pytest.raises(TrainingSetupError, match="background"):
-        precompute.target_captions({"story_id": "x"}, ["Bo sits."], name_background=True)
+        target_captions({"story_id": "x"}, ["Bo sits."], name_background=True)
 
     out = work / "targets_named_background"
     precompute.main(
@@ -190,7 +200,7 @@ def test_name_background_restores_the_setting_of_the_target_caption(precompute, 
             "--num_stories", "6", "--output_dir", str(out), "--name_background", "--no_store_images",
         ]
     )  # fmt: skip
-    data = precompute.load_precomputed_targets(out)
+    data = load_precomputed_targets(out)
     stories = load_story_dataset("synthsv", split="train", num_stories=6)
     pipe = CharLDMPipeline.from_pretrained(char_ldm_dir)
     refs = reference_images()
@@ -211,8 +221,8 @@ def test_precompute_records_anchors_roles_and_label_sets(precompute, targets_dir
     from storygptv.data import load_story_dataset
     from storygptv.data.synthsv import reference_images
 
-    data = precompute.load_precomputed_targets(targets_dir)
-    config = json.loads((targets_dir / precompute.CONFIG_FILE).read_text())
+    data = load_precomputed_targets(targets_dir)
+    config = json.loads((targets_dir / CONFIG_FILE).read_text())
     stories = load_story_dataset("synthsv", split="train", num_stories=6)
     assert config["character_names"] == sorted({n for s in stories for f in s["characters"] for n in f})
     assert config["setting_names"] == sorted({b for s in stories for b in s["background"]})
@@ -242,7 +252,7 @@ def test_stage2_design_options_train_and_ground(stage2, precompute, char_ldm_dir
     from storygptv.data.synthsv import reference_images
     from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
 
-    config = json.loads((targets_dir / precompute.CONFIG_FILE).read_text())
+    config = json.loads((targets_dir / CONFIG_FILE).read_text())
     out = work / "stage2_design"
     stage2.main(
         stage2_argv(
@@ -299,7 +309,7 @@ def test_stage2_end_to_end_whole_pipeline(stage2, char_ldm_dir, lm_dir, targets_
     )
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "StoryGPTVPipeline" in card
-    assert (out / "checkpoint-2" / stage2.TRAINABLE_FILE).exists()
+    assert (out / "checkpoint-2" / TRAINABLE_FILE).exists()
     assert not (out / "checkpoint-2" / "model.safetensors").exists()  # the frozen LLM is not re-saved
 
     pipe = StoryGPTVPipeline.from_pretrained(out)
@@ -316,13 +326,7 @@ def test_stage2_end_to_end_whole_pipeline(stage2, char_ldm_dir, lm_dir, targets_
     assert story.images.shape == (3, 32, 32, 3) and np.isfinite(story.images).all()
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_resume_after_kill_gives_the_same_weights(
-    stage2, char_ldm_dir, lm_dir, targets_dir, work, monkeypatch
-):
+def test_resume_after_kill_gives_the_same_weights(stage2, char_ldm_dir, lm_dir, targets_dir, work):
     from safetensors.torch import load_file
 
     common = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2)
@@ -330,24 +334,14 @@ def test_resume_after_kill_gives_the_same_weights(
     stage2.main(stage2_argv(char_ldm_dir, lm_dir, targets_dir, full, *common, "--save_story_model_only"))
 
     killed = work / "resume_killed"
-    original = stage2.tu.save_checkpoint
-
-    def save_then_die(accelerator, args, step, extra=None, **kwargs):
-        path = original(accelerator, args, step, extra, **kwargs)
-        if step == 2:
-            raise _Killed
-        return path
-
-    monkeypatch.setattr(stage2.tu, "save_checkpoint", save_then_die)
     argv = stage2_argv(char_ldm_dir, lm_dir, targets_dir, killed, *common, "--save_story_model_only")
-    with pytest.raises(_Killed):
-        stage2.main(argv)
-    monkeypatch.setattr(stage2.tu, "save_checkpoint", original)
-    assert not (killed / "model.safetensors").exists()
+    with pytest.raises(KeyboardInterrupt):  # killed right after the checkpoint of step 2
+        stage2.main([*argv, "--debug_interrupt_at_step", "2"])
+    assert (killed / "checkpoint-2").is_dir() and not (killed / "model.safetensors").exists()
     stage2.main([*argv, "--resume_from_checkpoint", "latest"])
 
-    a = load_file(str(full / "checkpoint-4" / stage2.TRAINABLE_FILE))
-    b = load_file(str(killed / "checkpoint-4" / stage2.TRAINABLE_FILE))
+    a = load_file(str(full / "checkpoint-4" / TRAINABLE_FILE))
+    b = load_file(str(killed / "checkpoint-4" / TRAINABLE_FILE))
     assert a.keys() == b.keys() and any(k.endswith("@img_rows") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -378,22 +372,23 @@ def test_validation_exports_the_best_step(stage2, precompute, char_ldm_dir, lm_d
     out = work / "validated"
     stage2.main(stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, *common))
     summary = json.loads((out / "train_summary.json").read_text())
-    best = json.loads((out / stage2.BEST_DIR / "best.json").read_text())
+    best = json.loads((out / BEST_DIR / "best.json").read_text())
     assert summary["best_validation"] == best and summary["exported_step"] == best["step"]
 
     # The exported model is the best step's, and it scores what was recorded on the validation stories.
     model = StoryGPTVForConditionalGeneration.from_pretrained(out)
-    exported = stage2.trainable_state_dict(model)
-    saved = load_file(str(out / stage2.BEST_DIR / stage2.TRAINABLE_FILE))
+    exported = model.trainable_state_dict()
+    saved = load_file(str(out / BEST_DIR / TRAINABLE_FILE))
     assert exported.keys() == saved.keys()
     for key in saved:
         torch.testing.assert_close(exported[key], saved[key], rtol=0, atol=0)
     from transformers import AutoTokenizer
 
-    data = precompute.load_precomputed_targets(val_dir)
-    collator = stage2.Stage2Collator(AutoTokenizer.from_pretrained(out), model.config, stage2.parse_args(
-        stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, *common)), None)  # fmt: skip
-    rescored = stage2.AlignmentValidator(data, collator, work / "unused", 2, resumed_step=0).score(
+    data = load_precomputed_targets(val_dir)
+    collator = Stage2Collator(
+        AutoTokenizer.from_pretrained(out), model.config, max_length=160, label_scope="all"
+    )
+    rescored = AlignmentValidator(data, collator, work / "unused", 2, resumed_step=0).score(
         model, torch.device("cpu")
     )
     assert rescored == pytest.approx(best["align_loss"], rel=1e-3)  # attention kernels may differ
@@ -402,8 +397,8 @@ def test_validation_exports_the_best_step(stage2, precompute, char_ldm_dir, lm_d
     last = work / "validated_last"
     stage2.main(stage2_argv(char_ldm_dir, lm_dir, targets_dir, last, *common, "--export_last"))
     assert json.loads((last / "train_summary.json").read_text())["exported_step"] == 4
-    exported = stage2.trainable_state_dict(StoryGPTVForConditionalGeneration.from_pretrained(last))
-    final = load_file(str(last / "checkpoint-4" / stage2.TRAINABLE_FILE))
+    exported = StoryGPTVForConditionalGeneration.from_pretrained(last).trainable_state_dict()
+    final = load_file(str(last / "checkpoint-4" / TRAINABLE_FILE))
     for key in final:
         torch.testing.assert_close(exported[key], final[key], rtol=0, atol=0)
 
@@ -419,9 +414,7 @@ def test_img_loss_gradient_reaches_the_mapper(stage2):
     model.train()
     for module in (c["vae"], c["unet"]):
         module.requires_grad_(False)
-    loss_fn = stage2.DenoisingLoss(
-        c["vae"], c["unet"], DDPMScheduler(num_train_timesteps=1000), torch.float32
-    )
+    loss_fn = DenoisingLoss(c["vae"], c["unet"], DDPMScheduler(num_train_timesteps=1000), torch.float32)
     hidden = torch.randn(2, 8, 32)
     conditioning = model.map_img_tokens(hidden, torch.zeros_like(hidden))
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -434,18 +427,29 @@ def test_img_loss_gradient_reaches_the_mapper(stage2):
     assert torch.equal(again, loss.detach())  # noise and timesteps come from the generator only
 
 
-def test_vae_input_range_and_compat(stage2):
+def test_vae_input_range_and_compat():
     import PIL.Image
 
+    from storygptv.data.collators import frame_pixel_values
+
     image = PIL.Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8))
-    assert stage2.frame_pixels(image, 4, compat=False).max() == 1.0
-    raw = stage2.frame_pixels(image, 4, compat=True)
+    assert frame_pixel_values(image, 4).max() == 1.0
+    raw = frame_pixel_values(image, 4, raw=True)
     assert raw.shape == (3, 4, 4) and raw.max() == 255.0
 
 
 def test_loss_presets_and_overrides(stage2):
+    from storygptv.models.configuration_storygptv import LOSS_WEIGHT_PRESETS, STAGE2_LOSS_PRESETS
+    from storygptv.training.loop import make_lr_scheduler
+
     base = ["--pretrained_model_name_or_path", "x", "--targets_dir", "y"]
-    assert stage2.parse_args(base).loss_weights == {"gen": 0.5, "align": 1.0, "img": 1.0}
+    default = stage2.parse_args(base)
+    assert default.loss_preset == "paper_code_scale"
+    assert default.loss_weights == {"gen": 0.5, "align": 1.0, "img": 1.0}
+    # One table: the script's presets are the config's, which the model config sees without L_img.
+    for name, row in STAGE2_LOSS_PRESETS.items():
+        assert stage2.parse_args([*base, "--loss_preset", name]).loss_weights == row
+        assert LOSS_WEIGHT_PRESETS[name] == {k: v for k, v in row.items() if k != "img"}
     assert stage2.parse_args([*base, "--loss_preset", "reference_v2"]).loss_weights == {
         "gen": 0.5,
         "align": 0.0,
@@ -455,9 +459,11 @@ def test_loss_presets_and_overrides(stage2):
     assert args.loss_weights == {"gen": 1.0, "align": 1.0, "img": 0.0}
     assert args.learning_rate == 1e-3 and args.adam_beta2 == 0.95 and args.max_length == 160
     assert args.lr_scheduler == "warmup_step" and args.lr_warmup_steps == 2000
-    args.lr_warmup_steps, args.lr_step_size = 2, 3
+    assert args.lr_step_size == 10_000 and args.lr_step_gamma == 0.1
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = stage2.make_lr_scheduler(args, opt, num_processes=1)
+    sched = make_lr_scheduler(
+        args.lr_scheduler, opt, total_steps=args.max_train_steps, warmup_steps=2, step_size=3, step_gamma=0.1
+    )
     lrs = []
     for _ in range(7):
         lrs.append(opt.param_groups[0]["lr"])

@@ -33,8 +33,8 @@ from transformers import (
 
 from storygptv import CharacterFuser, CharLDMPipeline
 from storygptv.data.synthsv import reference_images, sample_story
-from storygptv.testing.tokenizers import build_bpe_tokenizer
-from storygptv.training_utils import scrub_local_paths
+from storygptv.tokenization import build_bpe_tokenizer
+from storygptv.training.hub import scrub_local_paths
 
 HERE = Path(__file__).parent
 DEFAULT_CONFIG = HERE / "configs" / "synthsv_small" / "pipeline.json"

@@ -19,7 +19,13 @@ Start from a Char-LDM folder or Hub id, or from Stable Diffusion 1.5 plus ``--im
 
 Determinism: the data order, the collator's randomness, the noise and the timesteps of micro-step ``i``
 depend only on ``(--seed, i, rank)``; a run resumed with ``--resume_from_checkpoint latest`` ends with
-the same weights as an uninterrupted one.
+the same weights as an uninterrupted one. The loop and its LR-scheduler semantics (schedules count
+optimizer steps) are those of every training script: see ``storygptv.training.loop``.
+
+``--cache_latents`` encodes each frame's VAE posterior (mean, std) once, into
+``<output_dir>/latent_cache.safetensors``, and draws each step's latent sample from it instead of running the
+VAE encoder on every batch. It is valid because the target frame gets no random augmentation here (only
+the reference crops are augmented); the cache is rebuilt when the VAE, the data or the resolution change.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,40 +44,42 @@ from torch import nn
 
 from storygptv import CharacterFuser, CharLDMPipeline, install_character_attention_processors
 from storygptv.attention import character_attention_loss
-from storygptv.training_utils import (
-    TrainingSetupError,
-    add_running,
-    card_dataset_name,
-    check_dataset_args,
-    check_pipeline_folder,
-    dump_rank_hash,
-    end_of_step_checkpoint,
-    end_optimizer_step,
-    find_resume_checkpoint,
-    finish_training,
+from storygptv.characters import find_character_mentions
+from storygptv.training.accelerate_setup import (
     init_trackers,
-    load_train_stories,
-    log_running_means,
     make_accelerator,
-    make_batch_sampler,
+    setup_logging,
+    weight_dtype_for,
+)
+from storygptv.training.arguments import run_settings, training_arg_parser
+from storygptv.training.checkpoints import dump_rank_hash, save_checkpoint, state_dict_hash
+from storygptv.training.checks import TrainingSetupError, check_dataset, check_pipeline_folder
+from storygptv.training.data import (
+    ResumableBatchSampler,
+    load_train_stories,
+    make_train_dataloader,
+    next_batch,
+)
+from storygptv.training.diffusion import (
+    LatentCache,
+    denoising_loss,
+    min_snr_weights,
+    noisy_latents_and_target,
+    sample_latents,
+)
+from storygptv.training.hub import hub_repo_id, push_folder_to_hub, scrub_local_paths
+from storygptv.training.loop import (
+    StepLogger,
+    finish_training,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
-    make_train_dataloader,
-    next_batch,
     optimizer_step,
-    prepare_training,
-    progress_bar,
-    push_output_to_hub,
-    resume_training,
-    scrub_local_paths,
     seed_micro_step,
-    setup_logging,
-    training_arg_parser,
-    training_result,
-    weight_dtype_for,
-    write_model_card,
 )
+from storygptv.training.model_cards import card_dataset_name, write_model_card
+from storygptv.training.references import training_references
+from storygptv.training.resume import find_resume_checkpoint, resume_training
 
 logger = logging.getLogger("train_char_ldm")
 
@@ -131,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights (exported).")
     g.add_argument("--ema_decay", type=float, default=0.999)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every frame's VAE posterior once (<output_dir>/latent_cache.safetensors) and sample the "
+        "latents from it (valid: the target frame is not augmented).",
+    )
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--validation_prompts", nargs="+", default=None)
     g.add_argument(
@@ -144,7 +157,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Folder of <Name>.png reference images (default for SynthSV: its rendered references).",
     )
-    g.add_argument("--debug_interrupt_at_step", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.train_text_encoder is None:
         args.train_text_encoder = args.dataset == "synthsv" and not args.train_dataset_path
@@ -285,63 +297,27 @@ class CharLDMTrainModel(nn.Module):
         return self.unet(noisy_latents, timesteps, hidden).sample, {}
 
 
-def denoising_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """MSE over all elements; ``mask`` (B, 1, h, w) multiplies both sides first (no area normalisation);
-    ``weights`` (B,) are per-sample min-SNR weights."""
-    pred, target = pred.float(), target.float()
-    if mask is not None:
-        pred, target = pred * mask, target * mask
-    if weights is None:
-        return F.mse_loss(pred, target)
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    return (per_sample * weights).mean()
-
-
 def union_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Soft union of the character masks (B, K, R, R) resized bilinearly to the latent: (B, 1, h, w)."""
     union = masks.float().amax(dim=1, keepdim=True)
     return F.interpolate(union, size=size, mode="bilinear", align_corners=False)
 
 
-def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al. 2023) for epsilon or v prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=gamma) / snr
-    if scheduler.config.prediction_type == "v_prediction":
-        weights = torch.clamp(snr, max=gamma) / (snr + 1)
-    return weights
-
-
 # ------------------------------------------------------------------------------------------- validation
-def _validation_references(args: argparse.Namespace) -> dict[str, Any]:
-    import PIL.Image
-
-    if args.validation_reference_dir:
-        refs = {}
-        for path in sorted(Path(args.validation_reference_dir).iterdir()):
-            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-                refs[path.stem] = PIL.Image.open(path).convert("RGB")
-        return refs
-    if args.dataset == "synthsv":
-        from storygptv.data.synthsv import reference_images
-
-        return reference_images()
-    return {}
-
-
 def run_validation(pipe: CharLDMPipeline, args: argparse.Namespace, accelerator: Any, step: int) -> list[Any]:
-    refs = _validation_references(args)
+    """Draw ``--validation_prompts`` (each with the references of the characters it names) into
+    ``<output_dir>/validation/step-<step>/`` and tensorboard."""
+    refs = training_references(
+        args.validation_reference_dir,
+        args.dataset,
+        args.train_dataset_path,
+        required=False,
+        option="--validation_reference_dir",
+    )
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i, prompt in enumerate(args.validation_prompts):
-        named = {name: image for name, image in refs.items() if name.lower() in prompt.lower()}
+        named = {m.name: refs[m.name] for m in find_character_mentions(prompt, refs)}
         generator = torch.Generator(device="cpu").manual_seed(args.seed + i)
         with torch.no_grad():
             image = pipe(
@@ -372,16 +348,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup_logging()
     # Every check that can fail runs before the long work.
-    check_dataset_args(args)
+    check_dataset(args.dataset, args.data_dir, args.train_dataset_path)
     if args.pretrained_model_name_or_path and Path(args.pretrained_model_name_or_path).is_dir():
         check_pipeline_folder(args.pretrained_model_name_or_path)
-    resume_path = find_resume_checkpoint(args)
+    settings = run_settings(args)
+    resume_path = find_resume_checkpoint(
+        args.resume_from_checkpoint,
+        args.output_dir,
+        settings,
+        overwrite=args.overwrite_output_dir,
+        allow_changed_settings=args.allow_changed_settings,
+    )
 
     from diffusers import DDPMScheduler
 
     from storygptv.data import CharLDMCollator, story_frames
 
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(
+        args.output_dir,
+        logging_dir=args.logging_dir,
+        report_to=args.report_to,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        train_batch_size=args.train_batch_size,
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -389,26 +379,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
+    # Models: the frozen VAE (and text encoder unless trained) in the half type under mixed precision.
     pipe, was_char_ldm = load_pipeline(args)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     trained_modules = set_trainable(pipe, args)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    pipe.vae.to(accelerator.device)
+    vae = pipe.vae
+    vae.to(accelerator.device)
     if weight_dtype != torch.float32:
-        pipe.vae.to(dtype=weight_dtype)
+        vae.to(dtype=weight_dtype)
         if not args.train_text_encoder:
             pipe.text_encoder.to(dtype=weight_dtype)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     model = CharLDMTrainModel(pipe, args.attention_blocks if args.reg_weight > 0 else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args)
-    lr_scheduler = make_lr_scheduler(args, optimizer)
+    optimizer = make_optimizer(
+        params,
+        learning_rate=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        device=accelerator.device,
+    )
+    lr_scheduler = make_lr_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        total_steps=args.max_train_steps,
+        warmup_steps=args.lr_warmup_steps,
+        num_processes=world,
+        step_size=args.lr_step_size,
+        step_gamma=args.lr_step_gamma,
+    )
     ema = make_ema(params, decay=args.ema_decay) if args.use_ema else None
 
-    # Data (one row per frame), collated with per-batch seeds.
-    stories = load_train_stories(args)
-    frames = story_frames(stories)
+    # Data: one row per frame, collated with per-batch seeds (frames without characters dropped up front,
+    # so every batch is full).
+    stories = load_train_stories(
+        args.dataset,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        num_stories=args.num_stories,
+        train_dataset_path=args.train_dataset_path,
+    )
+    frames = story_frames(stories, drop_charless_frames=args.drop_charless_frames)
     reference_size = args.reference_size or int(getattr(pipe.image_encoder.config, "image_size", 224))
     collator = CharLDMCollator(
         pipe.tokenizer,
@@ -418,17 +432,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         uncondition_prob=args.uncondition_prob,
         text_only_prob=args.text_only_prob,
         text_only_rule=args.text_only_rule,
-        drop_charless_frames=args.drop_charless_frames,
         augment=args.augment_references,
         seed=args.seed,
     )
+    latent_cache = build_latent_cache(accelerator, vae, frames, args) if args.cache_latents else None
 
-    model, optimizer = prepare_training(accelerator, model, optimizer, lr_scheduler, ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
 
-    sampler = make_batch_sampler(len(frames), args, accelerator)
-    global_step = resume_training(accelerator, args, resume_path, sampler)
-    dataloader = make_train_dataloader(frames, sampler, collator, args)
-    init_trackers(accelerator, args, "train_char_ldm")
+    sampler = ResumableBatchSampler(
+        len(frames), args.train_batch_size, seed=args.seed, num_replicas=world, rank=rank
+    )
+    global_step = resume_training(
+        accelerator,
+        resume_path,
+        sampler,
+        output_dir=args.output_dir,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        overwrite=args.overwrite_output_dir,
+    )
+    dataloader = make_train_dataloader(
+        frames,
+        sampler,
+        collator,
+        seed=args.seed,
+        num_workers=args.dataloader_num_workers,
+        with_example_index=latent_cache is not None,
+    )
+    init_trackers(accelerator, args.tracker_project_name or "train_char_ldm", vars(args))
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     accelerator.print(
         f"Char-LDM: {len(frames)} frames, {sampler.batches_per_epoch} batches/epoch, total batch {total_batch}, "
@@ -436,39 +469,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters."
     )
 
-    vae = pipe.vae
-    scaling = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    progress = progress_bar(accelerator, args, global_step)
+    # The loop (storygptv.training.loop): one micro-batch per iteration, one optimizer step every
+    # --gradient_accumulation_steps of them.
+    steps = StepLogger(
+        accelerator,
+        args.max_train_steps,
+        initial_step=global_step,
+        accumulation_steps=args.gradient_accumulation_steps,
+        logging_steps=args.logging_steps,
+    )
     model.train()
-    running: dict[str, float] = {}
-    last_logs: dict[str, float] = {}
-    step_start = time.perf_counter()
-    step_times: list[float] = []
     data_iter = iter(dataloader)
     micro = sampler.start_batch
+    device = accelerator.device
     while global_step < args.max_train_steps:
         batch = next_batch(data_iter, micro)
-        generator = seed_micro_step(args, "noise", micro, rank)
-        device = accelerator.device
+        generator = seed_micro_step(args.seed, "noise", micro, rank)
         with accelerator.accumulate(model):
-            pixel_values = batch["pixel_values"].to(device, dtype=weight_dtype)
             with torch.no_grad():
-                latents = vae.encode(pixel_values).latent_dist.sample(generator=generator)
-                latents = ((latents - shift) * scaling).float()
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            bsz = latents.shape[0]
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator
-            ).to(device)
+                if latent_cache is not None:
+                    latents = latent_cache.sample(batch["example_index"], generator, vae.config, device)
+                else:
+                    pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+                    dist = vae.encode(pixels).latent_dist
+                    latents = sample_latents(dist.mean, dist.std, generator, vae.config).float()
+            noisy, timesteps, target = noisy_latents_and_target(noise_scheduler, latents, generator)
             use_mask = (
                 args.mask_loss_prob > 0 and float(torch.rand((), generator=generator)) < args.mask_loss_prob
             )
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+            # Only fused frames carry fused tokens (and so L_reg terms).
             condition = batch["condition"].to(device)
             token_indices = batch["character_token_indices"].to(device)
             token_indices = torch.where(
@@ -490,21 +519,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss_mse = denoising_loss(pred, target, weights, mask)
             loss_reg = character_attention_loss(maps, masks, valid) if maps else pred.new_zeros(())
             loss = loss_mse + args.reg_weight * loss_reg
-            # (max_grad_norm <= 0: no clipping)
-            optimizer_step(accelerator, loss, optimizer, model.parameters(), max(args.max_grad_norm, 0.0))
-        parts = {"loss": loss, "loss_mse": loss_mse, "loss_reg": loss_reg}
-        add_running(running, parts, args.gradient_accumulation_steps)
+            optimizer_step(accelerator, loss, optimizer, lr_scheduler, params, args.max_grad_norm)
+        steps.add(loss=loss, loss_mse=loss_mse, loss_reg=loss_reg)
         micro += 1
         if not accelerator.sync_gradients:
             continue
         # One optimizer step done.
-        step_start = end_optimizer_step(lr_scheduler, ema, params, progress, step_times, step_start)
         global_step += 1
-        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            last_logs = log_running_means(accelerator, running, lr_scheduler, step_times[-1], global_step)
-            progress.set_postfix(loss=f"{last_logs['loss']:.4f}", reg=f"{last_logs['loss_reg']:.4f}")
-        running = {}
-        end_of_step_checkpoint(accelerator, args, global_step)
+        if ema is not None:
+            ema.step(params)
+        steps.end_step(global_step, lr_scheduler.get_last_lr()[0])
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(
+                accelerator, args.output_dir, global_step, settings, total_limit=args.checkpoints_total_limit
+            )
+        if global_step == args.debug_interrupt_at_step:
+            raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")
         if (
             args.validation_prompts
             and accelerator.is_main_process
@@ -512,15 +542,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             and global_step < args.max_train_steps
         ):
             _validate(accelerator, model, pipe, ema, params, args, global_step)
-    progress.close()
+    steps.close()
 
     # Final export (EMA weights when on).
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(params)
-    dump_rank_hash(args, rank, unwrapped)
-    result = training_result(args, global_step, last_logs, step_times)
+    if args.debug_dump_rank_hash:
+        dump_rank_hash(args.output_dir, rank, unwrapped)
+    result = {"output_dir": args.output_dir, **steps.summary()}
     if accelerator.is_main_process:
         final = export_pipeline(pipe, unwrapped, args)
         if args.validation_prompts:
@@ -532,17 +563,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base_model=args.pretrained_model_name_or_path
             if was_char_ldm
             else [args.pretrained_model_name_or_path, args.image_encoder_name_or_path],
-            dataset=card_dataset_name(args),
+            dataset=card_dataset_name(args.dataset, args.train_dataset_path),
             hyperparameters=_card_hyperparameters(args, total_batch),
-            metrics={f"final {k}": v for k, v in last_logs.items() if k.startswith("loss")}
+            metrics={f"final {k}": v for k, v in steps.last_logs.items() if k.startswith("loss")}
             | {"optimizer steps": global_step},
             trained_modules=", ".join(trained_modules),
             objective_extra=_objective_text(args),
         )
         if args.push_to_hub:
-            result["hub_commit"] = push_output_to_hub(args)
-    finish_training(accelerator, args, result)
+            result["hub_commit"] = push_folder_to_hub(
+                args.output_dir,
+                hub_repo_id(args.hub_model_id, args.output_dir),
+                token=args.hub_token,
+                private=args.hub_private or None,
+            )
+    finish_training(accelerator, args.output_dir, steps)
     return result
+
+
+def build_latent_cache(accelerator: Any, vae: Any, frames: Any, args: argparse.Namespace) -> LatentCache:
+    """``--cache_latents``: the main process encodes every frame's posterior once (skipped when the cache of
+    ``--output_dir`` was built from the same VAE weights, data and resolution); every process opens it."""
+    from storygptv.data.collators import frame_pixel_values
+
+    path = Path(args.output_dir) / "latent_cache.safetensors"
+    if accelerator.is_main_process:
+        fingerprint = {
+            "vae": state_dict_hash(vae),
+            "vae_dtype": str(vae.dtype),
+            "frames": len(frames),
+            "resolution": args.resolution,
+            **{
+                k: getattr(args, k)
+                for k in ("dataset", "data_dir", "train_dataset_path", "num_stories", "seed")
+            },
+            "drop_charless_frames": args.drop_charless_frames,
+        }
+        built = LatentCache.build(
+            path,
+            vae,
+            lambda i: frame_pixel_values(frames[i]["image"], args.resolution),
+            len(frames),
+            fingerprint=fingerprint,
+            batch_size=args.train_batch_size,
+        )
+        accelerator.print(
+            f"{'Built' if built else 'Reusing'} the latent cache of {len(frames)} frames: {path}"
+        )
+    accelerator.wait_for_everyone()
+    return LatentCache(path)
 
 
 def _validate(accelerator, model, pipe, ema, params, args, step) -> None:

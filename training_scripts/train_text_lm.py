@@ -29,58 +29,43 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from storygptv import training_utils as tu
+from storygptv.tokenization import build_bpe_tokenizer
+from storygptv.training.accelerate_setup import init_trackers, make_accelerator, setup_logging
+from storygptv.training.arguments import run_settings, training_arg_parser
+from storygptv.training.checkpoints import save_checkpoint
+from storygptv.training.checks import TrainingSetupError, check_dataset
+from storygptv.training.data import (
+    ResumableBatchSampler,
+    load_train_stories,
+    make_train_dataloader,
+    next_batch,
+)
+from storygptv.training.hub import hub_repo_id, push_folder_to_hub, scrub_local_paths
+from storygptv.training.loop import (
+    StepLogger,
+    finish_training,
+    make_lr_scheduler,
+    make_optimizer,
+    optimizer_step,
+    perplexity,
+    seed_micro_step,
+)
+from storygptv.training.model_cards import card_dataset_name, write_model_card
+from storygptv.training.resume import find_resume_checkpoint, resume_training
 
 logger = logging.getLogger("train_text_lm")
 
 MODEL_TYPES = ("opt", "gpt2", "llama")
 
-# Model card of an LLM-only folder (training_utils' templates describe diffusers pipelines).
-TEXT_LM_CARD = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-A small causal language model trained from captions of story-visualisation data with the
-[`storygptv`](https://github.com/storygptv/storygptv) library. It is meant as the (frozen) LLM of a compact
-StoryGPT-V ([arXiv 2312.02252](https://arxiv.org/abs/2312.02252)): whole stories were used as training
-texts, so the model sees pronouns ("She", "They") refer to characters named in earlier captions.
-
-- **Base model:** {{ base_model }}
-- **Training data:** {{ dataset }}
-
-## Usage
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
-model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
-```
-
-Stage 2 of StoryGPT-V: `python training_scripts/train_storygptv.py --language_model_name_or_path {{ repo_id }} ...`
-
-## Training
-
-{{ hyperparameters }}
-
-## Limitations
-
-Trained only on {{ dataset }} captions: a toy-scale LM for that domain, not a general-purpose one.
-"""
-
 
 # ---------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = tu.training_arg_parser(
+    parser = training_arg_parser(
         __doc__,
         allow_abbrev=False,
         learning_rate=5e-4,
@@ -162,7 +147,7 @@ def story_texts(dataset: Any, include_original: bool, separator: str = " ") -> t
     """``(training texts, tokenizer corpus)`` from story rows: one text per story (and caption variant)."""
     names = list(dataset.column_names)
     if "captions" not in names:
-        raise tu.TrainingSetupError(
+        raise TrainingSetupError(
             f"The training data has no `captions` column (columns: {names}); the LM trains on captions."
         )
     columns = [c for c in ("captions", "referential_captions") if c in names]
@@ -181,7 +166,7 @@ def story_texts(dataset: Any, include_original: bool, separator: str = " ") -> t
         corpus.extend(named)
         corpus.extend(refs)
     if not texts:
-        raise tu.TrainingSetupError("The training data holds no captions (every caption is empty).")
+        raise TrainingSetupError("The training data holds no captions (every caption is empty).")
     return texts, corpus
 
 
@@ -193,8 +178,6 @@ def build_tokenizer(args: argparse.Namespace, corpus: list[str]) -> Any:
     if source is not None:
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
-        from storygptv.testing.tokenizers import build_bpe_tokenizer
-
         tokenizer = build_bpe_tokenizer(
             corpus,
             vocab_size=args.vocab_size,
@@ -202,7 +185,7 @@ def build_tokenizer(args: argparse.Namespace, corpus: list[str]) -> Any:
             model_max_length=args.max_position_embeddings,
         )
     if tokenizer.eos_token is None:
-        raise tu.TrainingSetupError(f"The tokenizer from {source!r} has no eos token; stories need one.")
+        raise TrainingSetupError(f"The tokenizer from {source!r} has no eos token; stories need one.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -256,7 +239,7 @@ def new_model_config(args: argparse.Namespace, tokenizer: Any) -> Any:
             "tie_word_embeddings": True,
         }
     else:
-        raise tu.TrainingSetupError(f"--model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
+        raise TrainingSetupError(f"--model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
     vocab = int(math.ceil(len(tokenizer) / 8) * 8)
     return AutoConfig.for_model(model_type, vocab_size=vocab, **{**special, **fields, **overrides})
 
@@ -268,8 +251,8 @@ class CaptionLMCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def reseed(self, seed: int) -> None:  # no randomness (for training_utils.seeded_collate)
-        pass
+    def reseed(self, seed: int) -> None:
+        """No randomness to reseed (the training loader reseeds every collator before each batch)."""
 
     def encode(self, text: str) -> list[int]:
         tok = self.tokenizer
@@ -290,25 +273,44 @@ class CaptionLMCollator:
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def hyperparameters(args: argparse.Namespace, keys: list[str]) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Path:
     """Train; returns the output folder (model + tokenizer + README.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = parse_args(argv)
-    tu.setup_logging()
+    setup_logging()
     output_dir = Path(args.output_dir)
     # Every check that can fail runs before the long work.
-    tu.check_dataset_args(args)
-    resume = tu.find_resume_checkpoint(args)
-    stories = tu.load_train_stories(args, frames_per_story=args.frames_per_story, referential=True)
+    check_dataset(args.dataset, args.data_dir, args.train_dataset_path)
+    settings = run_settings(args)
+    resume = find_resume_checkpoint(
+        args.resume_from_checkpoint,
+        args.output_dir,
+        settings,
+        overwrite=args.overwrite_output_dir,
+        allow_changed_settings=args.allow_changed_settings,
+    )
+    stories = load_train_stories(
+        args.dataset,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        num_stories=args.num_stories,
+        train_dataset_path=args.train_dataset_path,
+        frames_per_story=args.frames_per_story,
+        referential=True,
+    )
     texts, corpus = story_texts(stories, args.include_original_captions, args.caption_separator)
 
-    accelerator = tu.make_accelerator(args)
+    accelerator = make_accelerator(
+        args.output_dir,
+        logging_dir=args.logging_dir,
+        report_to=args.report_to,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        train_batch_size=args.train_batch_size,
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
     if resume is not None and (output_dir / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(output_dir)  # the interrupted run's own tokenizer
     else:
@@ -337,46 +339,78 @@ def main(argv: list[str] | None = None) -> Path:
         f"{sum(p.numel() for p in trainable):,}",
     )
 
-    sampler = tu.make_batch_sampler(len(texts), args, accelerator)
-    optimizer = tu.make_optimizer(trainable, args)
-    lr_scheduler = tu.make_lr_scheduler(args, optimizer, accelerator.num_processes)
+    sampler = ResumableBatchSampler(
+        len(texts), args.train_batch_size, seed=args.seed, num_replicas=world, rank=rank
+    )
+    optimizer = make_optimizer(
+        trainable,
+        learning_rate=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        device=accelerator.device,
+    )
+    lr_scheduler = make_lr_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        total_steps=args.max_train_steps,
+        warmup_steps=args.lr_warmup_steps,
+        num_processes=world,
+        step_size=args.lr_step_size,
+        step_gamma=args.lr_step_gamma,
+    )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
-    global_step = tu.resume_training(accelerator, args, resume, sampler, log=logger.info)
-    loader = tu.make_train_dataloader(
-        [{"text": t} for t in texts], sampler, CaptionLMCollator(tokenizer, args.max_length), args
+    global_step = resume_training(
+        accelerator,
+        resume,
+        sampler,
+        output_dir=args.output_dir,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        overwrite=args.overwrite_output_dir,
+        log=logger.info,
     )
-    tu.init_trackers(accelerator, args, "storygptv-text-lm")
+    loader = make_train_dataloader(
+        [{"text": t} for t in texts],
+        sampler,
+        CaptionLMCollator(tokenizer, args.max_length),
+        seed=args.seed,
+        num_workers=args.dataloader_num_workers,
+    )
+    init_trackers(accelerator, args.tracker_project_name or "storygptv-text-lm", vars(args))
 
-    progress = tu.progress_bar(accelerator, args, global_step)
+    # The loop of every training script (storygptv.training.loop).
+    steps = StepLogger(
+        accelerator,
+        args.max_train_steps,
+        initial_step=global_step,
+        accumulation_steps=args.gradient_accumulation_steps,
+        logging_steps=args.logging_steps,
+        derived=perplexity,
+    )
     model.train()
-    batches = iter(loader)
-    step_times: list[float] = []
+    data_iter = iter(loader)
+    micro = sampler.start_batch
     while global_step < args.max_train_steps:
-        started = time.perf_counter()
-        losses = []
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            batch.pop("batch_index")
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                tu.optimizer_step(accelerator, loss, optimizer, trainable, args.max_grad_norm, lr_scheduler)
-            losses.append(loss.detach())
+        batch = next_batch(data_iter, micro)
+        seed_micro_step(args.seed, "dropout", micro, rank)  # dropout of the LM
+        with accelerator.accumulate(model):
+            loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+            optimizer_step(accelerator, loss, optimizer, lr_scheduler, trainable, args.max_grad_norm)
+        steps.add(loss=loss)
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        # One optimizer step done.
         global_step += 1
-        step_times.append(time.perf_counter() - started)
-        loss_value = float(accelerator.gather(torch.stack(losses).mean()).mean())
-        logs = {
-            "loss": loss_value,
-            "ppl": float(np.exp(min(loss_value, 20.0))),
-            "lr": lr_scheduler.get_last_lr()[0],
-        }
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}")
-        if global_step % args.logging_steps == 0:
-            accelerator.log(logs, step=global_step)
-        tu.end_of_step_checkpoint(accelerator, args, global_step, at_end=True)
-    progress.close()
+        steps.end_step(global_step, lr_scheduler.get_last_lr()[0])
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(
+                accelerator, args.output_dir, global_step, settings, total_limit=args.checkpoints_total_limit
+            )
+        if global_step == args.debug_interrupt_at_step:
+            raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")
+    steps.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -386,70 +420,44 @@ def main(argv: list[str] | None = None) -> Path:
         final.config.use_cache = True
         final.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-        tu.scrub_local_paths(output_dir)
+        scrub_local_paths(output_dir)
         write_text_lm_card(args, output_dir, final)
         summary = {
             "global_step": global_step,
-            "mean_step_time_s": float(np.mean(step_times)) if step_times else None,
+            "mean_step_time_s": steps.mean_step_time,
             "num_texts": len(texts),
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if args.push_to_hub:
-            repo_id = args.hub_model_id or output_dir.name
-            url = tu.push_folder_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            url = push_folder_to_hub(
+                output_dir,
+                hub_repo_id(args.hub_model_id, output_dir),
+                token=args.hub_token,
+                private=args.hub_private or None,
+            )
             logger.info("Pushed to %s", url)
-    accelerator.end_training()
+    finish_training(accelerator, args.output_dir, steps)
     return output_dir
 
 
 def write_text_lm_card(args: argparse.Namespace, folder: Path, model: Any) -> None:
-    """README.md of the LM folder (``library_name: transformers``, ``pipeline_tag: text-generation``)."""
-    import re
-
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = args.pretrained_model_name_or_path
-    hub_base = base if base and not Path(base).exists() and re.match(r"^[\w.-]+/[\w.-]+$", base) else None
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license="apache-2.0",
-        tags=["storygptv", "story-visualization", "text-generation"],
-        base_model=hub_base,
+    """README.md of the LM folder (the ``text_lm`` template: transformers, text-generation)."""
+    keys = (
+        "model_type", "hidden_size", "num_layers", "num_heads", "vocab_size", "max_length", "train_batch_size",
+        "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
+        "mixed_precision", "seed", "lora_rank",
+    )  # fmt: skip
+    hyper = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    hyper["parameters"] = f"{sum(p.numel() for p in model.parameters()):,}"
+    write_model_card(
+        folder,
+        "text_lm",
+        repo_id=args.hub_model_id,
+        base_model=args.pretrained_model_name_or_path,
+        dataset=card_dataset_name(args.dataset, args.train_dataset_path),
+        hyperparameters=hyper,
+        tags=["text-generation"],
     )
-    hp = hyperparameters(
-        args,
-        [
-            "model_type",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "vocab_size",
-            "max_length",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "learning_rate",
-            "lr_scheduler",
-            "lr_warmup_steps",
-            "max_train_steps",
-            "mixed_precision",
-            "seed",
-            "lora_rank",
-        ],
-    )
-    hp["parameters"] = f"{sum(p.numel() for p in model.parameters()):,}"
-    table = "| option | value |\n|---|---|\n" + "\n".join(f"| `{k}` | {v} |" for k, v in hp.items())
-    repo_id = args.hub_model_id or folder.name
-    card = ModelCard.from_template(
-        data,
-        template_str=TEXT_LM_CARD,
-        model_name=repo_id,
-        repo_id=repo_id,
-        base_model=base or "(trained from scratch)",
-        dataset=args.train_dataset_path and "custom stories" or args.dataset,
-        hyperparameters=table,
-    )
-    card.save(str(folder / "README.md"))
 
 
 if __name__ == "__main__":

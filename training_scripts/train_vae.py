@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,38 +28,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storygptv.training_utils import (
-    TrainingSetupError,
-    add_running,
-    card_dataset_name,
-    check_dataset_args,
-    dump_rank_hash,
-    end_of_step_checkpoint,
-    end_optimizer_step,
-    find_resume_checkpoint,
-    finish_training,
-    init_trackers,
+from storygptv.data.collators import frame_pixel_values
+from storygptv.training.accelerate_setup import init_trackers, make_accelerator, setup_logging
+from storygptv.training.arguments import run_settings, training_arg_parser
+from storygptv.training.checkpoints import dump_rank_hash, save_checkpoint
+from storygptv.training.checks import TrainingSetupError, check_dataset
+from storygptv.training.data import (
+    ResumableBatchSampler,
     load_train_stories,
-    log_running_means,
-    make_accelerator,
-    make_batch_sampler,
+    make_train_dataloader,
+    next_batch,
+)
+from storygptv.training.hub import hub_repo_id, push_folder_to_hub, scrub_local_paths
+from storygptv.training.loop import (
+    StepLogger,
+    finish_training,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
-    make_train_dataloader,
-    next_batch,
     optimizer_step,
-    prepare_training,
-    progress_bar,
-    push_output_to_hub,
-    resume_training,
-    scrub_local_paths,
     seed_micro_step,
-    setup_logging,
-    training_arg_parser,
-    training_result,
-    write_model_card,
 )
+from storygptv.training.model_cards import card_dataset_name, write_model_card
+from storygptv.training.resume import find_resume_checkpoint, resume_training
 
 logger = logging.getLogger("train_vae")
 
@@ -106,7 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ema_decay", type=float, default=0.999)
     g.add_argument("--validation_steps", type=int, default=500, help="Reconstruction check every N steps.")
     g.add_argument("--num_validation_frames", type=int, default=16)
-    g.add_argument("--debug_interrupt_at_step", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.resolution % 8:
         parser.error("--resolution must be a multiple of 8.")
@@ -169,17 +158,12 @@ class FrameCollator:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, frames: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        import PIL.Image
-
         tensors = []
         for frame in frames:
-            image = frame["image"].convert("RGB")
-            if image.size != (self.resolution, self.resolution):
-                image = image.resize((self.resolution, self.resolution), PIL.Image.Resampling.BICUBIC)
+            pixels = frame_pixel_values(frame["image"], self.resolution)
             if self.random_flip and self.rng.random() < 0.5:
-                image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-            array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-            tensors.append(array.permute(2, 0, 1))
+                pixels = pixels.flip(-1)
+            tensors.append(pixels)
         return {"pixel_values": torch.stack(tensors)}
 
 
@@ -231,85 +215,143 @@ def _save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> Non
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup_logging()
-    check_dataset_args(args)
+    check_dataset(args.dataset, args.data_dir, args.train_dataset_path)
     if not args.pretrained_model_name_or_path:
         vae_config(args)  # fail fast on a bad config
-    resume_path = find_resume_checkpoint(args)
+    settings = run_settings(args)
+    resume_path = find_resume_checkpoint(
+        args.resume_from_checkpoint,
+        args.output_dir,
+        settings,
+        overwrite=args.overwrite_output_dir,
+        allow_changed_settings=args.allow_changed_settings,
+    )
 
     from storygptv.data import story_frames
 
-    accelerator = make_accelerator(args)
-    rank = accelerator.process_index
+    accelerator = make_accelerator(
+        args.output_dir,
+        logging_dir=args.logging_dir,
+        report_to=args.report_to,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        train_batch_size=args.train_batch_size,
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(args.seed)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     vae = load_vae(args)
     vae.requires_grad_(True)
     vae.train()
     params = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args)
-    lr_scheduler = make_lr_scheduler(args, optimizer)
+    optimizer = make_optimizer(
+        params,
+        learning_rate=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        device=accelerator.device,
+    )
+    lr_scheduler = make_lr_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        total_steps=args.max_train_steps,
+        warmup_steps=args.lr_warmup_steps,
+        num_processes=world,
+        step_size=args.lr_step_size,
+        step_gamma=args.lr_step_gamma,
+    )
     ema = make_ema(params, decay=args.ema_decay) if args.use_ema else None
 
-    frames = story_frames(load_train_stories(args))
+    source = {
+        "data_dir": args.data_dir,
+        "seed": args.seed,
+        "num_stories": args.num_stories,
+        "train_dataset_path": args.train_dataset_path,
+    }
+    frames = story_frames(load_train_stories(args.dataset, **source))
     try:
-        val_frames = story_frames(load_train_stories(args, split="validation"))
+        val_frames = story_frames(load_train_stories(args.dataset, split="validation", **source))
     except (ValueError, FileNotFoundError, KeyError):
         val_frames = frames
     n_val = min(args.num_validation_frames, len(val_frames))
     val_pixels = FrameCollator(args.resolution)([val_frames[i] for i in range(n_val)])["pixel_values"]
 
-    model, optimizer = prepare_training(
-        accelerator, VAEWithLoss(vae, args.recon_loss, args.kl_weight), optimizer, lr_scheduler, ema
+    model = VAEWithLoss(vae, args.recon_loss, args.kl_weight)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    sampler = ResumableBatchSampler(
+        len(frames), args.train_batch_size, seed=args.seed, num_replicas=world, rank=rank
     )
-    sampler = make_batch_sampler(len(frames), args, accelerator)
-    global_step = resume_training(accelerator, args, resume_path, sampler)
+    global_step = resume_training(
+        accelerator,
+        resume_path,
+        sampler,
+        output_dir=args.output_dir,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        overwrite=args.overwrite_output_dir,
+    )
     dataloader = make_train_dataloader(
-        frames, sampler, FrameCollator(args.resolution, args.random_flip), args
+        frames,
+        sampler,
+        FrameCollator(args.resolution, args.random_flip),
+        seed=args.seed,
+        num_workers=args.dataloader_num_workers,
     )
-    init_trackers(accelerator, args, "train_vae")
+    init_trackers(accelerator, args.tracker_project_name or "train_vae", vars(args))
     accelerator.print(
         f"VAE: {len(frames)} frames, {sampler.batches_per_epoch} batches/epoch, "
         f"{sum(p.numel() for p in params) / 1e3:.0f} k parameters, {args.max_train_steps} steps."
     )
     unwrapped = accelerator.unwrap_model(model).vae
-    progress = progress_bar(accelerator, args, global_step)
-    running: dict[str, float] = {}
-    logs: dict[str, float] = {}
-    step_times: list[float] = []
-    tick = time.perf_counter()
+
+    # The loop of every training script (storygptv.training.loop).
+    steps = StepLogger(
+        accelerator,
+        args.max_train_steps,
+        initial_step=global_step,
+        accumulation_steps=args.gradient_accumulation_steps,
+        logging_steps=args.logging_steps,
+    )
     data_iter = iter(dataloader)
     micro = sampler.start_batch
     while global_step < args.max_train_steps:
         batch = next_batch(data_iter, micro)
-        generator = seed_micro_step(args, "posterior", micro, rank)
+        generator = seed_micro_step(args.seed, "posterior", micro, rank)
         with accelerator.accumulate(model):
             pixels = batch["pixel_values"].to(accelerator.device)
             loss, rec, kl = model(pixels, generator)
-            # (max_grad_norm <= 0: no clipping)
-            optimizer_step(accelerator, loss, optimizer, model.parameters(), max(args.max_grad_norm, 0.0))
-        add_running(running, {"loss": loss, "loss_rec": rec, "loss_kl": kl}, args.gradient_accumulation_steps)
+            optimizer_step(accelerator, loss, optimizer, lr_scheduler, params, args.max_grad_norm)
+        steps.add(loss=loss, loss_rec=rec, loss_kl=kl)
         micro += 1
         if not accelerator.sync_gradients:
             continue
-        tick = end_optimizer_step(lr_scheduler, ema, params, progress, step_times, tick)
+        # One optimizer step done.
         global_step += 1
-        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            logs = log_running_means(accelerator, running, lr_scheduler, step_times[-1], global_step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        running = {}
-        end_of_step_checkpoint(accelerator, args, global_step)
+        if ema is not None:
+            ema.step(params)
+        steps.end_step(global_step, lr_scheduler.get_last_lr()[0])
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(
+                accelerator, args.output_dir, global_step, settings, total_limit=args.checkpoints_total_limit
+            )
+        if global_step == args.debug_interrupt_at_step:
+            raise KeyboardInterrupt(f"--debug_interrupt_at_step {global_step}")
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process:
                 metrics, _ = evaluate(unwrapped, val_pixels.to(accelerator.device))
                 accelerator.log(metrics, step=global_step)
             unwrapped.train()
-    progress.close()
+    steps.close()
 
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(params)
-    dump_rank_hash(args, rank, unwrapped)
-    result = training_result(args, global_step, logs, step_times)
+    if args.debug_dump_rank_hash:
+        dump_rank_hash(args.output_dir, rank, unwrapped)
+    result = {"output_dir": args.output_dir, **steps.summary()}
     if accelerator.is_main_process:
         metrics, recons = evaluate(unwrapped, val_pixels.to(accelerator.device))
         accelerator.log(metrics, step=global_step)
@@ -317,35 +359,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _save_grid(val_pixels[:8], recons[:8], Path(args.output_dir) / "validation" / "reconstructions.png")
         unwrapped.save_pretrained(args.output_dir, safe_serialization=True)
         scrub_local_paths(args.output_dir)
+        card_keys = (
+            "learning_rate",
+            "lr_scheduler",
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "resolution",
+            "recon_loss",
+            "kl_weight",
+            "use_ema",
+            "seed",
+        )
         write_model_card(
             args.output_dir,
             "vae",
             repo_id=args.hub_model_id,
             base_model=args.pretrained_model_name_or_path,
-            dataset=card_dataset_name(args),
-            hyperparameters={
-                k: getattr(args, k)
-                for k in (
-                    "learning_rate",
-                    "lr_scheduler",
-                    "max_train_steps",
-                    "train_batch_size",
-                    "gradient_accumulation_steps",
-                    "resolution",
-                    "recon_loss",
-                    "kl_weight",
-                    "use_ema",
-                    "seed",
-                )
-            }
+            dataset=card_dataset_name(args.dataset, args.train_dataset_path),
+            hyperparameters={k: getattr(args, k) for k in card_keys}
             | {"block_out_channels": list(unwrapped.config.block_out_channels)},
             metrics={"validation frames": n_val, **metrics, "optimizer steps": global_step},
-            pipeline_tag=None,
             latent_channels=unwrapped.config.latent_channels,
         )
         if args.push_to_hub:
-            result["hub_commit"] = push_output_to_hub(args)
-    finish_training(accelerator, args, result)
+            result["hub_commit"] = push_folder_to_hub(
+                args.output_dir,
+                hub_repo_id(args.hub_model_id, args.output_dir),
+                token=args.hub_token,
+                private=args.hub_private or None,
+            )
+    finish_training(accelerator, args.output_dir, steps)
     return result
 
 

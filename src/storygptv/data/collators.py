@@ -23,21 +23,18 @@ import PIL.ImageOps
 import torch
 
 from ..characters import find_character_tokens
+from ..models.fuser import CLIP_MEAN, CLIP_STD
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
     "CONDITION_FUSED",
     "CONDITION_TEXT",
     "CONDITION_UNCONDITIONAL",
     "CharLDMCollator",
     "frame_features",
+    "frame_pixel_values",
     "make_reference_crop",
     "story_frames",
 ]
-
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: Values of the ``condition`` tensor.
 CONDITION_UNCONDITIONAL = 0
@@ -140,8 +137,23 @@ def story_frames(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference crops
+# Target frames and reference crops
 # ----------------------------------------------------------------------------------------------
+
+
+def frame_pixel_values(image: Any, resolution: int, raw: bool = False) -> torch.Tensor:
+    """(3, R, R) float VAE input of a frame: RGB, resized (bicubic) to ``resolution``, scaled to [-1, 1].
+
+    The one definition of a target frame's pixels in training (the Char-LDM collator, stage 2's L_img and
+    the latent cache of ``train_char_ldm.py --cache_latents`` all use it); no randomness, so a frame's VAE
+    posterior can be cached. ``raw=True`` keeps the 0-255 values (stage 2's ``--vae_input_compat``, the
+    public code's input). ``image``: a PIL image, an undecoded ``datasets.Image`` value or an array.
+    """
+    image = _to_pil(image, "RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels if raw else pixels / 127.5 - 1.0
 
 
 def _to_pil(value: Any, mode: str) -> PIL.Image.Image:
@@ -337,6 +349,18 @@ class CharLDMCollator:
             self._rng_worker = worker
         return self._rng
 
+    def reseed(self, seed: int) -> None:
+        """Restart the collator's randomness (mix, crop noise, augmentation, slot choice) from ``seed``.
+
+        The training loader calls it before every batch with a seed derived from the batch's index, so a
+        batch's randomness does not depend on which worker collates it or on what came before (resume).
+        The seed is used as given, also inside a DataLoader worker.
+        """
+        info = torch.utils.data.get_worker_info()
+        self.seed = int(seed)
+        self._rng = np.random.default_rng(self.seed)
+        self._rng_worker = info.id if info is not None else None
+
     def sample_condition(self, num_characters: int) -> int:
         """Draw the conditioning mode (0, 1 or 2) of a frame with ``num_characters`` characters."""
         p = float(self.rng.random())
@@ -386,8 +410,7 @@ class CharLDMCollator:
             )
 
         r = self.resolution
-        pixels = image if image.size == (r, r) else image.resize((r, r), PIL.Image.Resampling.BICUBIC)
-        pixel_values = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        pixel_values = frame_pixel_values(image, r)
         condition = self.sample_condition(len(characters))
         caption = "" if condition == CONDITION_UNCONDITIONAL else str(frame.get("caption") or "")
 

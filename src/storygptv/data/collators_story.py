@@ -123,6 +123,11 @@ class StoryGPTVCollator:
         if self.pad_token_id is None:
             raise ValueError("The tokenizer has neither a pad nor an eos token to pad with.")
 
+    def reseed(self, seed: int) -> None:
+        """Restart the collator's randomness (random target frames, restored anchors) from ``seed``; the
+        training loader calls it before every batch, so a batch's draws depend only on its own seed."""
+        self.rng = np.random.default_rng(int(seed))
+
     def choose_target(self, num_frames: int) -> int:
         """The target frame of a story of ``num_frames`` frames."""
         if num_frames < 1:

@@ -10,18 +10,30 @@ from transformers.configuration_utils import SubConfigSpec
 
 __all__ = ["LOSS_WEIGHT_KEYS", "LOSS_WEIGHT_PRESETS", "MAPPER_QUERY_MODES", "StoryGPTVConfig"]
 
-#: Named stage-2 loss weightings (method notes section 8.1, row 1).
+#: The stage-2 loss presets (method notes section 8.1, row 1): the one table of them. Each row weighs
+#: L_gen (``"gen"``), L_align (``"align"``) and L_img (``"img"``). The model computes L_gen and L_align, so
+#: its config holds those two weights (:data:`LOSS_WEIGHT_PRESETS`); L_img needs the frozen Char-LDM, so
+#: the trainer (``train_storygptv.py --loss_preset``) reads ``"img"`` from here.
 #:
-#: - ``"paper"``: L_gen + L_align, both 1.0 (the paper gives no weights, so a plain sum).
-#: - ``"reference_v1"``: 0.5 * CE + 1.0 * align (the public code, v1 script).
-#: - ``"reference_v2"``: 0.5 * CE, alignment logged but not added (the public code's v2 script, which adds
-#:   L_img in the trainer instead).
+#: - ``"paper"``: 1.0 / 1.0 / 1.0 (the paper gives no weights, so a plain sum).
+#: - ``"reference_v1"``: 0.5 * CE + 1.0 * align, no L_img (the public code, v1 script).
+#: - ``"reference_v2"``: 0.5 * CE + 1.0 * L_img, alignment logged but not added (the public code, v2 script).
+#: - ``"paper_code_scale"``: the paper's three terms with the public code's CE scale, 0.5 / 1.0 / 1.0 (the
+#:   trainer's default, :data:`DEFAULT_TRAINING_LOSS_PRESET`).
 #:
 #: The grounding loss (only computed by a model with a grounding head) weighs 1.0 unless a dict sets it.
+STAGE2_LOSS_PRESETS: dict[str, dict[str, float]] = {
+    "paper": {"gen": 1.0, "align": 1.0, "img": 1.0},
+    "reference_v1": {"gen": 0.5, "align": 1.0, "img": 0.0},
+    "reference_v2": {"gen": 0.5, "align": 0.0, "img": 1.0},
+    "paper_code_scale": {"gen": 0.5, "align": 1.0, "img": 1.0},
+}
+#: The preset of ``train_storygptv.py`` when ``--loss_preset`` is not given.
+DEFAULT_TRAINING_LOSS_PRESET = "paper_code_scale"
+#: The presets as the model config holds them (``loss_weights="paper"``): the weights of the model's losses.
 LOSS_WEIGHT_PRESETS: dict[str, dict[str, float]] = {
-    "paper": {"gen": 1.0, "align": 1.0},
-    "reference_v1": {"gen": 0.5, "align": 1.0},
-    "reference_v2": {"gen": 0.5, "align": 0.0},
+    name: {key: weight for key, weight in row.items() if key != "img"}
+    for name, row in STAGE2_LOSS_PRESETS.items()
 }
 LOSS_WEIGHT_KEYS: tuple[str, ...] = ("gen", "align", "grounding")
 #: Values of ``mapper_queries``: the paper's learned queries, or the frame's own caption encoding.
