@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from storygptv import CharacterFuser, CharLDMPipeline
+from storygptv.characters import cast_file_stem
 from storygptv.data.synthsv import reference_images, sample_story
 from storygptv.tokenization import build_bpe_tokenizer
 from storygptv.training.hub import scrub_local_paths
@@ -134,7 +135,7 @@ def write_reference_images(folder: Path, size: int = 64) -> None:
     """SynthSV's reference image of every character as ``folder/<Name>.png``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in reference_images(size=size).items():
-        image.save(folder / f"{name}.png")
+        image.save(folder / f"{cast_file_stem(name)}.png")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ key                        content
 
 For each row a target frame t is chosen (``target_frame="random"``: uniform over 1..n-1, frame 0 is never a
 target unless the story has one frame; an int: that frame, negative ints count from the end). The sequence
-is built by :func:`storygptv.models.story_inputs.build_story_sequence` from the referential captions of frames
+is built by :meth:`storygptv.models.processing_storygptv.StoryGPTVProcessor.build_sequence` from the referential captions of frames
 0..t-1 (with their image embeddings) and the referential caption of frame t; ``target_conditioning`` is the
 row's entry for frame t. Old frames that do not fit ``max_length`` are dropped (their embeddings too).
 
@@ -49,7 +49,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..models.story_inputs import IGNORE_INDEX, StoryTokens, build_story_sequence, encode_caption
+from ..models.processing_storygptv import StoryGPTVProcessor
+from ..models.story_inputs import IGNORE_INDEX
+from ._common import multi_hot
 
 #: The label of a setting the grounding head does not know (ignored by its cross-entropy).
 UNKNOWN_SETTING = -100
@@ -112,12 +114,7 @@ class StoryGPTVCollator:
         self.anchored = getattr(config, "mapper_queries", "learned") == "caption"
         self.character_index = {n.lower(): i for i, n in enumerate(config.grounding_characters or [])}
         self.setting_index = {n.lower(): i for i, n in enumerate(config.grounding_settings or [])}
-        try:
-            self.tokens = StoryTokens.from_config(config)
-        except ValueError:
-            self.tokens = StoryTokens.from_tokenizer(
-                tokenizer, config.num_visual_tokens, config.num_img_tokens
-            )
+        self.processor = StoryGPTVProcessor.from_story_model_config(tokenizer, config)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
@@ -151,11 +148,7 @@ class StoryGPTVCollator:
                     f"Story row {i} has no `characters` for frame {t}: the grounding head trains on each frame's "
                     "cast (precompute the targets with a dataset that labels characters)."
                 )
-            characters = [0] * len(self.character_index)
-            for name in frames[t] or []:
-                index = self.character_index.get(str(name).lower())
-                if index is not None:
-                    characters[index] = 1
+            characters = multi_hot([str(n) for n in frames[t] or []], self.config.grounding_characters)
         setting = UNKNOWN_SETTING
         settings = row.get("background")
         if self.setting_index and settings is not None and len(settings) > t:
@@ -191,12 +184,8 @@ class StoryGPTVCollator:
                     "target conditionings."
                 )
             t = self.choose_target(n)
-            seq = build_story_sequence(
-                self.tokens,
-                [encode_caption(self.tokenizer, c) for c in ref[:t]],
-                encode_caption(self.tokenizer, ref[t]),
-                max_length=self.max_length,
-                label_scope=self.label_scope,
+            seq = self.processor.build_sequence(
+                ref[:t], ref[t], max_length=self.max_length, label_scope=self.label_scope
             )
             input_ids.append(seq.input_ids)
             labels.append(seq.labels)

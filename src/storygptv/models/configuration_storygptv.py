@@ -8,7 +8,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-__all__ = ["LOSS_WEIGHT_KEYS", "LOSS_WEIGHT_PRESETS", "MAPPER_QUERY_MODES", "StoryGPTVConfig"]
+__all__ = [
+    "DEFAULT_TRAINING_LOSS_PRESET",
+    "LOSS_WEIGHT_KEYS",
+    "LOSS_WEIGHT_PRESETS",
+    "MAPPER_QUERY_MODES",
+    "STAGE2_LOSS_PRESETS",
+    "StoryGPTVConfig",
+]
 
 #: The stage-2 loss presets (method notes section 8.1, row 1): the one table of them. Each row weighs
 #: L_gen (``"gen"``), L_align (``"align"``) and L_img (``"img"``). The model computes L_gen and L_align, so

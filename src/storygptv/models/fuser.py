@@ -32,6 +32,7 @@ __all__ = [
     "encode_fused_prompt",
     "encode_reference_images",
     "normalize_character_embeds",
+    "per_prompt",
     "preprocess_reference_images",
 ]
 
@@ -221,18 +222,25 @@ def encode_reference_images(
     )
 
 
+def per_prompt(value: Any, batch_size: int, name: str, shared_type: type | tuple[type, ...]) -> list[Any]:
+    """``value`` for each of ``batch_size`` prompts: one ``shared_type`` value shared by all, or a list with one
+    entry per prompt (a clear error naming ``name`` when the counts differ)."""
+    if isinstance(value, shared_type):
+        return [value] * batch_size
+    entries = list(value)
+    if len(entries) != batch_size:
+        raise ValueError(
+            f"`{name}` has {len(entries)} entries but there are {batch_size} prompts; pass one per prompt, or a "
+            "single value shared by all prompts."
+        )
+    return entries
+
+
 def normalize_character_embeds(
     character_embeds: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor] | None], batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Validate precomputed ``character_embeds`` (``{name: (D,) tensor}``, shared or one dict per prompt)."""
-    entries = (
-        [character_embeds] * batch_size if isinstance(character_embeds, Mapping) else list(character_embeds)
-    )
-    if len(entries) != batch_size:
-        raise ValueError(
-            f"`character_embeds` is a list of {len(entries)} dicts but there are {batch_size} prompts; pass one "
-            "dict per prompt, or a single dict shared by all prompts."
-        )
+    entries = per_prompt(character_embeds, batch_size, "character_embeds", Mapping)
     out = []
     for entry in entries:
         if entry is not None and not isinstance(entry, Mapping):

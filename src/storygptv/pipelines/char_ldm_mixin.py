@@ -9,6 +9,7 @@ The mixin needs the components ``vae``, ``text_encoder``, ``tokenizer``, ``unet`
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -23,7 +24,13 @@ from tqdm.auto import tqdm
 
 from ..characters import normalize_characters
 from ..loading import load_checked, realign_cpu_tensors
-from ..models.fuser import FusedPromptOutput, encode_fused_prompt, encode_reference_images, encode_text
+from ..models.fuser import (
+    FusedPromptOutput,
+    encode_fused_prompt,
+    encode_reference_images,
+    encode_text,
+    per_prompt,
+)
 
 __all__ = ["CharLDMMixin"]
 
@@ -31,9 +38,17 @@ __all__ = ["CharLDMMixin"]
 class CharLDMMixin:
     """Shared steps of the Char-LDM pipelines (see the module docstring)."""
 
+    _optional_components = ["feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def _init_image_processing(self) -> None:
+    def register_components(self, init_arguments: Mapping[str, Any]) -> None:
+        """``register_modules`` of every ``__init__`` argument (pass ``locals()``), then the VAE image processing.
+
+        The component names are the parameters of the pipeline's ``__init__``, which diffusers also reads to
+        save and load the pipeline, so a pipeline lists its components once, in its signature.
+        """
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
+        self.register_modules(**{name: init_arguments[name] for name in names})
         vae = getattr(self, "vae", None)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -115,19 +130,16 @@ class CharLDMMixin:
         character_embeds: Mapping[str, torch.Tensor] | list[Mapping[str, torch.Tensor] | None] | None = None,
     ) -> FusedPromptOutput:
         """Fused and plain caption embeddings of ``prompt`` (see :func:`storygptv.encode_fused_prompt`)."""
+        components = ("tokenizer", "text_encoder", "image_encoder", "fuser", "feature_extractor")
         return encode_fused_prompt(
             prompt,
             characters,
             character_embeds=character_embeds,
-            tokenizer=self.tokenizer,
-            text_encoder=self.text_encoder,
-            image_encoder=self.image_encoder,
-            fuser=self.fuser,
-            feature_extractor=self.feature_extractor,
             max_characters=max_characters,
             device=device or self._execution_device,
             warn=warn,
             warn_absent=warn_absent,
+            **{name: getattr(self, name) for name in components},
         )
 
     def encode_prompt(
@@ -168,16 +180,9 @@ class CharLDMMixin:
         self, negative_prompt: str | list[str] | None, batch_size: int, device: torch.device
     ) -> torch.Tensor:
         """Plain text embedding of ``negative_prompt`` (``""`` by default), one row per prompt."""
-        if negative_prompt is None:
-            negative_prompt = ""
-        negatives = (
-            [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = per_prompt(
+            "" if negative_prompt is None else negative_prompt, batch_size, "negative_prompt", str
         )
-        if len(negatives) != batch_size:
-            raise ValueError(
-                f"`negative_prompt` has {len(negatives)} entries but there are {batch_size} prompts; "
-                "pass one negative prompt per prompt or a single string."
-            )
         return encode_text(negatives, self.tokenizer, self.text_encoder, device)[0]
 
     # ------------------------------------------------------------------ checks
@@ -236,45 +241,36 @@ class CharLDMMixin:
                 f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
             )
 
-    def prepare_call(
-        self,
-        height: int | None,
-        width: int | None,
-        num_inference_steps: int,
-        guidance_scale: float,
-        start_merge_step: int | None,
-        output_type: str,
-        cross_attention_kwargs: dict[str, Any] | None,
-        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
-        callback_on_step_end_tensor_inputs: list[str] | None,
-    ) -> tuple[int, int, int, list[str]]:
-        """Resolve the call's defaults, validate them and set the per-call state.
+    def prepare_call(self, arguments: Mapping[str, Any]) -> tuple[int, int, int, list[str]]:
+        """Resolve the defaults of a call's arguments (the pipeline passes its ``locals()``: ``height``,
+        ``width``, ``num_inference_steps``, ``guidance_scale``, ``start_merge_step``, ``output_type``,
+        ``cross_attention_kwargs`` and the step callback with its tensor inputs), validate them with
+        :meth:`check_inputs` and set the per-call state.
 
         Returns ``(height, width, start_merge_step, callback_on_step_end_tensor_inputs)``.
         """
-        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
-        if height is None:
-            height = self.unet.config.sample_size * self.vae_scale_factor
-        if width is None:
-            width = self.unet.config.sample_size * self.vae_scale_factor
-        if start_merge_step is None:
-            start_merge_step = num_inference_steps // 2
-        self.check_inputs(
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            start_merge_step,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
-        self._guidance_scale = guidance_scale
-        self._cross_attention_kwargs = cross_attention_kwargs
+        call = dict(arguments)
+        callback = call["callback_on_step_end"]
+        if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
+            call["callback_on_step_end_tensor_inputs"] = callback.tensor_inputs
+        if call["callback_on_step_end_tensor_inputs"] is None:
+            call["callback_on_step_end_tensor_inputs"] = ["latents"]
+        for side in ("height", "width"):
+            if call[side] is None:
+                call[side] = self.unet.config.sample_size * self.vae_scale_factor
+        if call["start_merge_step"] is None:
+            call["start_merge_step"] = call["num_inference_steps"] // 2
+        checked = inspect.signature(self.check_inputs).parameters
+        self.check_inputs(**{name: call[name] for name in checked})
+        self._guidance_scale = call["guidance_scale"]
+        self._cross_attention_kwargs = call["cross_attention_kwargs"]
         self._interrupt = False
-        return height, width, start_merge_step, callback_on_step_end_tensor_inputs
+        return (
+            call["height"],
+            call["width"],
+            call["start_merge_step"],
+            call["callback_on_step_end_tensor_inputs"],
+        )
 
     @staticmethod
     def check_generator(generator: Any, count: int | None = None, what: str = "images") -> None:

@@ -71,7 +71,6 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->fuser->unet->vae"
-    _optional_components = ["feature_extractor"]
 
     def __init__(
         self,
@@ -83,19 +82,9 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
         image_encoder: CLIPVisionModelWithProjection,
         fuser: CharacterFuser,
         feature_extractor: Any = None,
-    ):
+    ) -> None:
         super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            fuser=fuser,
-            feature_extractor=feature_extractor,
-        )
-        self._init_image_processing()
+        self.register_components(locals())
 
     @torch.no_grad()
     def __call__(
@@ -165,17 +154,7 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
         if text_embeds is not None and prompt_embeds is None:
             raise ValueError("`text_embeds` goes with `prompt_embeds`; with `prompt` it is computed.")
         explicit_merge_step = start_merge_step
-        height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            start_merge_step,
-            output_type,
-            cross_attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(locals())
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
         self.check_generator(generator)

@@ -29,6 +29,7 @@ __all__ = [
     "FrameConditioning",
     "StoryGPTVPipeline",
     "StoryGPTVPipelineOutput",
+    "check_story_components",
     "encode_story_images",
 ]
 
@@ -123,6 +124,25 @@ def encode_story_images(
     return image_encoder.vision_model(pixel_values=pixel_values).pooler_output
 
 
+def check_story_components(story_model: Any, unet: Any, image_encoder: Any) -> None:
+    """The story model must write the UNet's conditioning and read the image encoder's frames (a clear error
+    when a story model is combined with another Char-LDM). Components left out (``None``) are not checked."""
+    config = getattr(story_model, "config", None)
+    if config is None:
+        return
+    if unet is not None and config.ldm_hidden_size != unet.config.cross_attention_dim:
+        raise ValueError(
+            f"The story model writes {config.ldm_hidden_size}-wide conditioning (ldm_hidden_size) but the UNet "
+            f"cross-attends to {unet.config.cross_attention_dim}: combine it with the Char-LDM it was trained on."
+        )
+    vision = getattr(getattr(image_encoder, "config", None), "hidden_size", None)
+    if vision is not None and config.vision_embed_dim != vision:
+        raise ValueError(
+            f"The story model reads {config.vision_embed_dim}-wide frame embeddings (vision_embed_dim) but the "
+            f"image encoder gives {vision}: combine it with the Char-LDM it was trained on."
+        )
+
+
 class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
     r"""Story visualisation with StoryGPT-V (arXiv 2312.02252).
 
@@ -143,35 +163,23 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->fuser->story_model->unet->vae"
-    _optional_components = ["feature_extractor"]
 
     def __init__(
         self,
+        story_model: StoryGPTVForConditionalGeneration,
+        story_tokenizer: PreTrainedTokenizerBase,
         vae: AutoencoderKL,
         text_encoder: CLIPTextModel,
         tokenizer: PreTrainedTokenizerBase,
+        image_encoder: CLIPVisionModelWithProjection,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        image_encoder: CLIPVisionModelWithProjection,
         fuser: CharacterFuser,
-        story_model: StoryGPTVForConditionalGeneration,
-        story_tokenizer: PreTrainedTokenizerBase,
         feature_extractor: Any = None,
-    ):
+    ) -> None:
         super().__init__()
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            fuser=fuser,
-            feature_extractor=feature_extractor,
-            story_model=story_model,
-            story_tokenizer=story_tokenizer,
-        )
-        self._init_image_processing()
+        check_story_components(story_model, unet, image_encoder)
+        self.register_components(locals())
 
     # ------------------------------------------------------------------ per-call properties
     @property
@@ -423,17 +431,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         # 1. Check inputs and set the call's parameters
         captions = self.check_story(captions, context_window, story_context)
         grounding = self.resolve_grounding(grounding)
-        height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            start_merge_step,
-            output_type,
-            cross_attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        height, width, start_merge_step, callback_on_step_end_tensor_inputs = self.prepare_call(locals())
         self.check_generator(generator, len(captions), "frames")
         frame_latents = self.check_frame_latents(latents, len(captions), height, width)
         if characters is not None and character_embeds is not None:

@@ -41,63 +41,39 @@ def tiny_text_config(
 ) -> dict[str, Any]:
     """A 2-layer, 32-wide causal-LM config dict (``"opt"``, ``"llama"`` (untied head) or ``"gpt2"``)."""
     ids = special_ids or {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
-    if text_model_type == "opt":
-        return {
-            "model_type": "opt",
-            "vocab_size": vocab_size,
-            "hidden_size": 32,
-            "word_embed_proj_dim": 32,
-            "ffn_dim": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 4096,
-            "dropout": 0.0,
-            "attention_dropout": 0.0,
-            **ids,
-        }
-    if text_model_type == "llama":
-        return {
-            "model_type": "llama",
-            "vocab_size": vocab_size,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-            **ids,
-        }
-    if text_model_type == "gpt2":
-        return {
-            "model_type": "gpt2",
-            "vocab_size": vocab_size,
-            "n_embd": 32,
-            "n_layer": 2,
-            "n_head": 4,
-            "n_positions": 4096,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            **ids,
-        }
+    tables = {
+        "opt": dict(hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=4096, dropout=0.0, attention_dropout=0.0),
+        "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False),
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=4096, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0),
+    }  # fmt: skip
+    if text_model_type in tables:
+        return {"model_type": text_model_type, "vocab_size": vocab_size, **tables[text_model_type], **ids}
     raise ValueError(f"`text_model_type` must be 'opt', 'llama' or 'gpt2', got {text_model_type!r}.")
+
+
+#: The tiny mapper and sizes of :func:`tiny_story_model_config` (override any of them).
+TINY_STORY_DEFAULTS: dict[str, Any] = {
+    "vision_embed_dim": 32, "mapper_hidden_size": 32, "mapper_num_heads": 2, "mapper_num_encoder_layers": 1,
+    "mapper_num_decoder_layers": 1, "mapper_ffn_dim": 64, "ldm_seq_len": 77, "ldm_hidden_size": 32,
+    "lora_rank": 0, "lora_alpha": 8.0,
+}  # fmt: skip
 
 
 def tiny_story_model_config(
     tokenizer: Any = None,
     text_model_type: str = "opt",
-    vision_embed_dim: int = 32,
-    ldm_hidden_size: int = 32,
-    ldm_seq_len: int = 77,
     num_visual_tokens: int = 4,
     num_img_tokens: int = 8,
-    lora_rank: int = 0,
     **overrides: Any,
 ) -> StoryGPTVConfig:
-    """A :class:`StoryGPTVConfig` with a tiny LLM and a tiny mapper (d_model 32, 2 heads, 1+1 layers, ff 64).
+    """A :class:`StoryGPTVConfig` with a tiny LLM and a tiny mapper (:data:`TINY_STORY_DEFAULTS`: d_model 32,
+    2 heads, 1+1 layers, ff 64, 32-wide vision and conditioning).
 
-    The layout ids are read from ``tokenizer`` (default: :func:`tiny_story_tokenizer`).
+    The layout ids are read from ``tokenizer`` (default: :func:`tiny_story_tokenizer`); ``overrides`` are
+    ``StoryGPTVConfig`` fields.
     """
     tokenizer = tokenizer if tokenizer is not None else tiny_story_tokenizer(num_img_tokens)
     tokens = StoryTokens.from_tokenizer(
@@ -105,28 +81,15 @@ def tiny_story_model_config(
     )
     # Room above the added tokens: transformers' resize tests clamp token ids to `vocab_size - 16`.
     vocab = ((len(tokenizer) + 16 + 7) // 8) * 8
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     kwargs: dict[str, Any] = {
         "text_config": tiny_text_config(text_model_type, vocab, special),
-        "vision_embed_dim": vision_embed_dim,
-        "mapper_hidden_size": 32,
-        "mapper_num_heads": 2,
-        "mapper_num_encoder_layers": 1,
-        "mapper_num_decoder_layers": 1,
-        "mapper_ffn_dim": 64,
-        "ldm_seq_len": ldm_seq_len,
-        "ldm_hidden_size": ldm_hidden_size,
-        "lora_rank": lora_rank,
-        "lora_alpha": 8.0,
+        **TINY_STORY_DEFAULTS,
         **tokens.to_config_kwargs(),
+        **overrides,
     }
-    if lora_rank and text_model_type == "gpt2":
-        kwargs["lora_target_modules"] = ["c_attn"]
-    kwargs.update(overrides)
+    if kwargs["lora_rank"] and text_model_type == "gpt2":
+        kwargs.setdefault("lora_target_modules", ["c_attn"])
     return StoryGPTVConfig(**kwargs)
 
 

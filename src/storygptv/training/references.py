@@ -8,37 +8,25 @@ as at inference (the CLI's ``--characters`` folder): ``Mr_Slate.png`` and ``Mr S
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import PIL.Image
 
+from ..characters import load_character_image, read_cast_folder
 from .checks import TrainingSetupError
 
-__all__ = ["IMAGE_SUFFIXES", "read_cast_folder", "training_references"]
-
-#: File types read from a cast folder.
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+__all__ = ["read_cast_images", "training_references"]
 
 
-def read_cast_folder(
+def read_cast_images(
     folder: str | os.PathLike, option: str = "--reference_images_dir"
 ) -> dict[str, PIL.Image.Image]:
-    """``{name: RGB image}`` of the images in ``folder`` (``Mr_Slate.png`` is "Mr Slate"); ``option`` names
-    the command-line option in errors. Raises ``TrainingSetupError`` for a missing or image-less folder."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise TrainingSetupError(f"{option} {str(root)!r} is not a folder.")
-    refs = {
-        p.stem.replace("_", " "): PIL.Image.open(p).convert("RGB")
-        for p in sorted(root.iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    }
-    if not refs:
-        raise TrainingSetupError(
-            f"{option} {str(root)!r} holds no images; expected one <Name>.png per character (e.g. Fred.png, "
-            "Mr_Slate.png)."
-        )
-    return refs
+    """``{name: RGB image}`` of a cast folder (the rule of :func:`storygptv.characters.read_cast_folder`:
+    ``Mr_Slate.png`` is "Mr Slate"); ``option`` names the command-line option in errors, raised as
+    ``TrainingSetupError`` for a missing folder, one without images, or an image that cannot be read."""
+    try:
+        return {name: load_character_image(path, name) for name, path in read_cast_folder(folder).items()}
+    except (NotADirectoryError, ValueError, TypeError) as error:
+        raise TrainingSetupError(f"{option} {str(folder)!r}: {error}") from error
 
 
 def training_references(
@@ -55,7 +43,7 @@ def training_references(
     Raises ``TrainingSetupError`` when references are ``required`` and the dataset has no built-in ones.
     """
     if reference_images_dir:
-        return read_cast_folder(reference_images_dir, option)
+        return read_cast_images(reference_images_dir, option)
     if dataset == "synthsv" and not train_dataset_path:
         from ..data.synthsv import reference_images
 
