@@ -16,6 +16,7 @@ from .attention import (  # noqa: E402
     CharacterAttentionStore,
     character_attention_loss,
     install_character_attention_processors,
+    uninstall_character_attention_processors,
 )
 from .characters import CharacterMention, find_character_mentions, find_character_tokens  # noqa: E402
 from .data import load_story_dataset  # noqa: E402
@@ -62,6 +63,7 @@ __all__ = [
     "find_character_tokens",
     "ground_caption",
     "install_character_attention_processors",
+    "uninstall_character_attention_processors",
     "load_story_dataset",
     "make_storyboard",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ __all__ = [
     "CharacterAttentionStore",
     "character_attention_loss",
     "install_character_attention_processors",
+    "uninstall_character_attention_processors",
 ]
 
 # The 11 attn2 layers of SD-1.5 whose latent side is 32, 16, 8, 16 and 32 at 512 px.
@@ -117,10 +119,12 @@ class CharacterAttentionProcessor(AttnProcessor2_0):
         name: this layer's name, e.g. ``"down_blocks.1.attentions.0.transformer_blocks.0.attn2"``.
     """
 
-    def __init__(self, store: CharacterAttentionStore, name: str):
+    def __init__(self, store: CharacterAttentionStore, name: str, replaced: Any = None):
         super().__init__()
         self.store = store
         self.name = name
+        # The processor this one replaced, restored by `uninstall_character_attention_processors`.
+        self.replaced = replaced
 
     def __call__(
         self,
@@ -215,9 +219,32 @@ def install_character_attention_processors(
     processors = {}
     for name, processor in current.items():
         layer = name[: -len(".processor")]
-        processors[name] = CharacterAttentionProcessor(store, layer) if layer in selected else processor
+        if layer in selected and not isinstance(processor, CharacterAttentionProcessor):
+            processor = CharacterAttentionProcessor(store, layer, replaced=processor)
+        elif layer in selected:  # installed already: share the new store, keep what it replaced
+            processor = CharacterAttentionProcessor(store, layer, replaced=processor.replaced)
+        processors[name] = processor
     unet.set_attn_processor(processors)
     return store
+
+
+def uninstall_character_attention_processors(unet: torch.nn.Module) -> int:
+    """Put back the processors that :func:`install_character_attention_processors` replaced.
+
+    Every :class:`CharacterAttentionProcessor` of ``unet`` gives way to the processor it replaced (the other
+    layers keep theirs), like diffusers' ``unload_ip_adapter``. Returns the number of layers restored.
+    """
+    current = dict(unet.attn_processors)
+    restored = {
+        name: (processor.replaced or AttnProcessor2_0())
+        if isinstance(processor, CharacterAttentionProcessor)
+        else processor
+        for name, processor in current.items()
+    }
+    count = sum(isinstance(p, CharacterAttentionProcessor) for p in current.values())
+    if count:
+        unet.set_attn_processor(restored)
+    return count
 
 
 def _mask_side(num_pixels: int, height: int, width: int) -> tuple[int, int]:
