@@ -47,7 +47,7 @@ _LAZY = {
     "ReleaseOptions": "._release",
     "CharLDMCollator": ".collators",
     "StoryGPTVCollator": ".collators_story",
-    "story_frames": ".collators",
+    "story_frames": ".frames",
     "load_flintstones": ".flintstones",
     "load_pororo": ".pororo",
     "load_synthsv": ".synthsv",

@@ -1,7 +1,6 @@
-"""Stage-1 (Char-LDM) training data: story rows flattened into frames, and the batch collator.
+"""Stage-1 (Char-LDM) batch collator (frame rows: :mod:`storygptv.data.frames`; crops: :mod:`.reference_crops`).
 
-:func:`story_frames` turns a story dataset (common schema, one row per story) into one row per frame;
-:class:`CharLDMCollator` turns a list of such frame rows into the tensors of a Char-LDM training step:
+:class:`CharLDMCollator` turns a list of frame rows into the tensors of a Char-LDM training step:
 the target image, the caption's token ids, the fused-token positions of the characters, one
 reference crop per character cut from the frame itself, the characters' masks and the conditioning
 mode drawn from the 10 / 10 / 80 mix.
@@ -9,12 +8,10 @@ mode drawn from the 10 / 10 / 80 mix.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
@@ -24,6 +21,8 @@ import torch
 
 from ..characters import find_character_tokens
 from ..models.fuser import CLIP_MEAN, CLIP_STD
+from .frames import frame_features, frame_pixel_values, story_frames
+from .reference_crops import augment_reference, make_reference_crop, to_pil, valid_box
 
 __all__ = [
     "CONDITION_FUSED",
@@ -40,210 +39,6 @@ __all__ = [
 CONDITION_UNCONDITIONAL = 0
 CONDITION_TEXT = 1
 CONDITION_FUSED = 2
-
-
-# ----------------------------------------------------------------------------------------------
-# Story rows -> frame rows
-# ----------------------------------------------------------------------------------------------
-
-
-def frame_features(decode: bool = True) -> datasets.Features:
-    """The ``datasets.Features`` of frame rows produced by :func:`story_frames`."""
-    return datasets.Features(
-        {
-            "story_id": datasets.Value("string"),
-            "frame_id": datasets.Value("string"),
-            "frame_index": datasets.Value("int32"),
-            "image": datasets.Image(decode=decode),
-            "caption": datasets.Value("string"),
-            "referential_caption": datasets.Value("string"),
-            "is_referential": datasets.Value("bool"),
-            "characters": datasets.List(datasets.Value("string")),
-            "boxes": datasets.List(datasets.List(datasets.Value("float32"))),
-            "segmentation": datasets.Image(decode=decode),
-            "character_labels": datasets.List(datasets.Value("int8")),
-            "background": datasets.Value("string"),
-            "background_labels": datasets.List(datasets.Value("int8")),
-        }
-    )
-
-
-_STORY_TO_FRAME = {
-    "frame_ids": "frame_id",
-    "images": "image",
-    "captions": "caption",
-    "referential_captions": "referential_caption",
-    "is_referential": "is_referential",
-    "characters": "characters",
-    "boxes": "boxes",
-    "segmentation": "segmentation",
-    "character_labels": "character_labels",
-    "background": "background",
-    "background_labels": "background_labels",
-}
-
-
-def _explode(batch: dict[str, list[Any]], drop_charless_frames: bool = False) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {k: [] for k in ["story_id", "frame_index", *_STORY_TO_FRAME.values()]}
-    for row in range(len(batch["story_id"])):
-        for position in range(len(batch["frame_ids"][row])):
-            if drop_charless_frames and not batch["characters"][row][position]:
-                continue
-            out["story_id"].append(batch["story_id"][row])
-            out["frame_index"].append(position)
-            for story_key, frame_key in _STORY_TO_FRAME.items():
-                out[frame_key].append(batch[story_key][row][position])
-    return out
-
-
-def story_frames(
-    dataset: datasets.Dataset | datasets.IterableDataset, drop_charless_frames: bool = False
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Flatten story rows (common schema) into frame rows, one per frame (see :func:`frame_features`).
-
-    Frame rows have ``story_id``, ``frame_id``, ``frame_index`` (position in the story), ``image``,
-    ``caption``, ``referential_caption``, ``is_referential``, ``characters``, ``boxes``,
-    ``segmentation``, ``character_labels``, ``background`` and ``background_labels``.
-    Images are not decoded and re-encoded on the way (they are copied as bytes).
-
-    Args:
-        dataset: a story dataset (``Dataset`` or ``IterableDataset``).
-        drop_charless_frames: drop frames without characters (the public code's ``min_num_objects=1``).
-    """
-    story_columns = list(dataset.features) if dataset.features is not None else None
-    fn_kwargs = {"drop_charless_frames": drop_charless_frames}
-    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
-        # A lazy dataset (e.g. SynthSV) renders its frames in a format transform, which ``map`` applies
-        # to its input: keep the rendered images, and drop the transform from the frame rows.
-        frames = dataset.map(
-            _explode,
-            batched=True,
-            remove_columns=story_columns,
-            features=frame_features(),
-            fn_kwargs=fn_kwargs,
-        )
-        return frames.with_format(None)
-    raw = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    raw = raw.cast_column("segmentation", datasets.List(datasets.Image(decode=False)))
-    frames = raw.map(
-        _explode,
-        batched=True,
-        remove_columns=story_columns,
-        features=frame_features(decode=False),
-        fn_kwargs=fn_kwargs,
-    )
-    frames = frames.cast_column("image", datasets.Image())
-    return frames.cast_column("segmentation", datasets.Image())
-
-
-# ----------------------------------------------------------------------------------------------
-# Target frames and reference crops
-# ----------------------------------------------------------------------------------------------
-
-
-def frame_pixel_values(image: Any, resolution: int, raw: bool = False) -> torch.Tensor:
-    """(3, R, R) float VAE input of a frame: RGB, resized (bicubic) to ``resolution``, scaled to [-1, 1].
-
-    The one definition of a target frame's pixels in training (the Char-LDM collator, stage 2's L_img and
-    the latent cache of ``train_char_ldm.py --cache_latents`` all use it); no randomness, so a frame's VAE
-    posterior can be cached. ``raw=True`` keeps the 0-255 values (stage 2's ``--vae_input_compat``, the
-    public code's input). ``image``: a PIL image, an undecoded ``datasets.Image`` value or an array.
-    """
-    image = _to_pil(image, "RGB")
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return pixels if raw else pixels / 127.5 - 1.0
-
-
-def _to_pil(value: Any, mode: str) -> PIL.Image.Image:
-    if isinstance(value, PIL.Image.Image):
-        return value.convert(mode) if value.mode != mode else value
-    if isinstance(value, dict):  # an undecoded datasets.Image value
-        return datasets.Image().decode_example(value).convert(mode)
-    if isinstance(value, np.ndarray):
-        return PIL.Image.fromarray(value).convert(mode)
-    if isinstance(value, torch.Tensor):
-        return PIL.Image.fromarray(value.cpu().numpy()).convert(mode)
-    raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
-
-
-def _valid_box(box: Sequence[float] | None, width: int, height: int) -> tuple[int, int, int, int] | None:
-    if box is None or len(box) != 4:
-        return None
-    x1, y1 = max(int(math.floor(box[0])), 0), max(int(math.floor(box[1])), 0)
-    x2, y2 = min(int(math.ceil(box[2])), width), min(int(math.ceil(box[3])), height)
-    if x2 <= x1 or y2 <= y1:
-        return None
-    return x1, y1, x2, y2
-
-
-def make_reference_crop(
-    image: np.ndarray,
-    mask: np.ndarray,
-    box: Sequence[float] | None,
-    size: int,
-    rng: np.random.Generator,
-) -> PIL.Image.Image:
-    """A character's reference crop from its own frame (FastComposer style).
-
-    Pixels outside ``mask`` become uniform noise; the image is cropped to ``box`` (the mask's bounding
-    box when ``box`` is missing), zero-padded to a centred square and resized to ``size``.
-
-    Args:
-        image: the (H, W, 3) uint8 frame.
-        mask: the character's (H, W) boolean mask.
-        box: ``[x1, y1, x2, y2]`` in pixels, or ``None``/``[]``.
-        size: output side (e.g. 224).
-        rng: the noise source.
-    """
-    height, width = mask.shape
-    noise = rng.integers(0, 256, size=image.shape, dtype=np.uint8)
-    filled = np.where(mask[..., None], image, noise)
-    bounds = _valid_box(box, width, height)
-    if bounds is None:
-        rows, cols = np.nonzero(mask)
-        bounds = (
-            (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
-            if rows.size
-            else None
-        )
-    if bounds is None:
-        bounds = (0, 0, width, height)
-    x1, y1, x2, y2 = bounds
-    crop = filled[y1:y2, x1:x2]
-    side = max(crop.shape[0], crop.shape[1])
-    square = np.zeros((side, side, 3), dtype=np.uint8)
-    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-    square[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
-    result = PIL.Image.fromarray(square, mode="RGB")
-    if result.size != (size, size):
-        result = result.resize((size, size), PIL.Image.Resampling.BICUBIC)
-    return result
-
-
-def _augment(image: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Image:
-    """Reference-crop augmentation with PIL only (a subset of FastComposer's, same probabilities)."""
-    size = image.size
-    if rng.random() < 0.5:  # zoom in 1-2x
-        factor = float(rng.uniform(1.0, 2.0))
-        w, h = size[0] / factor, size[1] / factor
-        left, top = (size[0] - w) / 2, (size[1] - h) / 2
-        image = image.crop((round(left), round(top), round(left + w), round(top + h))).resize(
-            size, PIL.Image.Resampling.BICUBIC
-        )
-    if rng.random() < 0.75:
-        image = image.rotate(float(rng.uniform(-30.0, 30.0)), resample=PIL.Image.Resampling.BILINEAR)
-    if rng.random() < 0.5:
-        for enhancer in (PIL.ImageEnhance.Brightness, PIL.ImageEnhance.Contrast, PIL.ImageEnhance.Color):
-            image = enhancer(image).enhance(float(rng.uniform(0.5, 1.5)))
-    if rng.random() < 0.5:
-        image = image.filter(PIL.ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
-    if rng.random() < 0.1:
-        image = PIL.ImageOps.grayscale(image).convert("RGB")
-    if rng.random() < 0.5:
-        image = PIL.ImageOps.mirror(image)
-    return image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,16 +189,14 @@ class CharLDMCollator:
         return (tensor - self._mean) / self._std
 
     def _frame(self, frame: dict[str, Any]) -> dict[str, Any]:
-        image = _to_pil(frame["image"], "RGB")
+        image = to_pil(frame["image"], "RGB")
         width, height = image.size
         array = np.asarray(image)
         characters = [str(c) for c in (frame.get("characters") or [])]
         boxes = list(frame.get("boxes") or [])
         boxes += [[]] * (len(characters) - len(boxes))
         seg = frame.get("segmentation")
-        label = (
-            np.asarray(_to_pil(seg, "L")) if seg is not None else np.zeros((height, width), dtype=np.uint8)
-        )
+        label = np.asarray(to_pil(seg, "L")) if seg is not None else np.zeros((height, width), dtype=np.uint8)
         if label.shape != (height, width):
             label = np.asarray(
                 PIL.Image.fromarray(label).resize((width, height), PIL.Image.Resampling.NEAREST)
@@ -424,7 +217,7 @@ class CharLDMCollator:
                 mask = label == index + 1
                 box = boxes[index] if index < len(boxes) else []
                 if not mask.any():
-                    bounds = _valid_box(box, width, height)
+                    bounds = valid_box(box, width, height)
                     if bounds is None:
                         continue
                     x1, y1, x2, y2 = bounds
@@ -452,7 +245,7 @@ class CharLDMCollator:
                 mask, box = usable[mention.name]
                 crop = make_reference_crop(array, mask, box, self.reference_size, self.rng)
                 if self.augment:
-                    crop = _augment(crop, self.rng)
+                    crop = augment_reference(crop, self.rng)
                 references[slot] = self._normalise_reference(crop)
                 mask_image = PIL.Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
                 if mask_image.size != (r, r):

@@ -19,10 +19,7 @@ tokenizes and holds no story: :class:`~storygptv.models.processing_storygptv.Sto
 out, and :class:`~storygptv.models.story_context.StoryContext` carries a story's cache from frame to frame.
 """
 
-import inspect
 import os
-import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,14 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from ..loading import realign_cpu_tensors
+from .alignment import alignment_loss
 from .configuration_storygptv import StoryGPTVConfig
 from .grounding_head import StoryGroundingHead
 from .mapper import StoryLDMMapper
+from .outputs_storygptv import NextFrameOutput, StoryGPTVOutput, cache_argument_name, output_cache
 from .story_inputs import StoryTokens, add_story_special_tokens
+from .story_weights import IMG_ROWS_SUFFIX, StoryWeightsMixin
 
 __all__ = [
     "IMG_ROWS_SUFFIX",
@@ -48,84 +46,6 @@ __all__ = [
     "cache_argument_name",
     "output_cache",
 ]
-
-
-#: Key suffix of the ``[IMG]`` rows of a row-masked matrix in :meth:`~StoryGPTVForConditionalGeneration.trainable_state_dict`.
-IMG_ROWS_SUFFIX = "@img_rows"
-
-
-def cache_argument_name(module: nn.Module) -> str:
-    """The keyword under which ``module.forward`` takes its key/value cache.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes away in 5.40);
-    earlier 5.x releases only know ``past_key_values``. Asking the signature supports both.
-    """
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def output_cache(output: Any) -> Any:
-    """The key/value cache of a transformers model output, under its new (``cache``) or old name."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-@dataclass
-class StoryGPTVOutput(ModelOutput):
-    """Output of :meth:`StoryGPTVForConditionalGeneration.forward`.
-
-    Attributes:
-        loss: ``w_gen * gen_loss + w_align * align_loss + w_grounding * grounding_loss`` over the terms that could
-            be computed (None if none).
-        gen_loss: L_gen, shifted cross-entropy over the labelled tokens (captions and ``[IMG0]``).
-        align_loss: L_align between ``conditioning`` and ``target_conditioning`` (``"mse"`` or ``"l2"``, weighted
-            by ``target_token_roles`` when the config asks); reported even when its weight is 0.
-        grounding_loss: BCE of the character logits + CE of the setting logits against the given labels.
-        logits: (B, L, vocab) LM logits.
-        conditioning: (B, ldm_seq_len, ldm_hidden_size) mapper output from the ``[IMG]`` tokens (None when the
-            sequences hold no ``[IMG]`` tokens); a trainer can feed it to the frozen LDM for L_img.
-        img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
-        img_input_embeds: (B, R, embed_dim) input embeddings at the ``[IMG]`` positions (the mapper reads the sum).
-        character_logits: (B, len(grounding_characters)) from the grounding head, when the model has one.
-        setting_logits: (B, len(grounding_settings)) from the grounding head, when it predicts settings.
-        cache: the LLM key/value cache when ``use_cache`` (``past_key_values`` is a read-only alias).
-        hidden_states / attentions: the LLM's, when requested.
-    """
-
-    loss: torch.FloatTensor | None = None
-    gen_loss: torch.FloatTensor | None = None
-    align_loss: torch.FloatTensor | None = None
-    grounding_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    conditioning: torch.FloatTensor | None = None
-    img_hidden_states: torch.FloatTensor | None = None
-    img_input_embeds: torch.FloatTensor | None = None
-    character_logits: torch.FloatTensor | None = None
-    setting_logits: torch.FloatTensor | None = None
-    cache: Any = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-
-    @property
-    def past_key_values(self) -> Any:
-        """The LLM cache under its pre-5.24 transformers name."""
-        return self.cache
-
-
-@dataclass
-class NextFrameOutput(ModelOutput):
-    """What the LLM reads for the next frame of a story (:meth:`~storygptv.models.story_context.StoryContext.read_next_frame`).
-
-    Attributes:
-        img_hidden_states: (B, R, embed_dim) last-layer hidden states at the ``[IMG]`` positions.
-        img_input_embeds: (B, R, embed_dim) input embeddings of the ``[IMG]`` tokens (the mapper reads the sum).
-        character_logits: (B, len(grounding_characters)) grounding logits, or None without a grounding head.
-        setting_logits: (B, len(grounding_settings)) grounding logits, or None.
-    """
-
-    img_hidden_states: torch.FloatTensor | None = None
-    img_input_embeds: torch.FloatTensor | None = None
-    character_logits: torch.FloatTensor | None = None
-    setting_logits: torch.FloatTensor | None = None
 
 
 class StoryGPTVPreTrainedModel(PreTrainedModel):
@@ -153,7 +73,7 @@ class StoryGPTVPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.out_proj.bias)
 
 
-class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixin):
+class StoryGPTVForConditionalGeneration(StoryWeightsMixin, StoryGPTVPreTrainedModel, GenerationMixin):
     """StoryGPT-V stage-2 model (LLM + visual projection + ``[IMG]`` tokens + LDM mapper).
 
     Args:
@@ -181,7 +101,7 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
                 module._is_hf_initialized = True
         self.language_model = language_model
         if config.lora_rank > 0:
-            self._inject_lora()
+            self.inject_lora()
         embed_dim = self.language_model.get_input_embeddings().weight.shape[1]
         self.visual_projection = nn.Linear(config.vision_embed_dim, config.num_visual_tokens * embed_dim)
         self.ldm_mapper = StoryLDMMapper(
@@ -212,37 +132,6 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             self.freeze_language_model()
 
     # ------------------------------------------------------------------ construction helpers
-    def _inject_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        cfg = self.config
-        targets = cfg.lora_target_modules
-        if targets is None:
-            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-            model_type = cfg.text_config.model_type
-            targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-            if targets is None:
-                raise ValueError(
-                    f"peft has no default LoRA target modules for model_type {model_type!r}; set "
-                    "`lora_target_modules` in the config."
-                )
-        lora_config = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(targets),
-            bias="none",
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # e.g. GPT-2 Conv1D fan_in_fan_out notice
-            inject_adapter_in_model(lora_config, self.language_model)
-        # peft initialises the adapters (lora_B = 0); keep `post_init` from re-drawing them.
-        for name, module in self.language_model.named_modules():
-            if "lora_" in name:
-                for sub in module.modules():
-                    sub._is_hf_initialized = True
-
     @classmethod
     def from_language_model(
         cls,
@@ -321,148 +210,6 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
         """Whether the LLM output head has its own weight (e.g. Llama) instead of sharing the input embedding."""
         head = self.get_output_embeddings()
         return head is not None and head.weight is not self.get_input_embeddings().weight
-
-    def resize_token_embeddings(
-        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs: Any
-    ) -> nn.Embedding:
-        """Resize the LLM vocabulary; refused (before anything changes) below the ``[IMG]`` / ``<|image|>`` ids."""
-        needed = [*(self.config.img_token_ids or []), self.config.image_token_id]
-        needed = [i for i in needed if i is not None]
-        if new_num_tokens is not None and needed and new_num_tokens <= max(needed):
-            raise ValueError(
-                f"`new_num_tokens` ({new_num_tokens}) would drop the story tokens: the [IMG] / <|image|> ids go up to "
-                f"{max(needed)}. Keep at least {max(needed) + 1} tokens."
-            )
-        out = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
-        self._refresh_trainable_rows()
-        return out
-
-    def freeze_language_model(self, freeze: bool = True) -> None:
-        """Freeze (or unfreeze) the LLM. Frozen: only LoRA adapters and the ``[IMG]`` embedding rows (plus the
-        ``[IMG]`` rows of an untied output head) receive gradients; the row mask is installed here."""
-        self._llm_frozen = freeze
-        for name, param in self.language_model.named_parameters():
-            param.requires_grad_((not freeze) or "lora_" in name)
-        self._refresh_trainable_rows()
-
-    def _img_row_weights(self) -> list[nn.Parameter]:
-        weights = [self.get_input_embeddings().weight]
-        head = self.get_output_embeddings()
-        if head is not None and head.weight is not weights[0]:
-            weights.append(head.weight)
-        return weights
-
-    def _refresh_trainable_rows(self) -> None:
-        for handle in self._grad_mask_handles:
-            handle.remove()
-        self._grad_mask_handles, self._grad_masked_params = [], []
-        if not self._llm_frozen or not self.config.img_token_ids:
-            return
-        for weight in self._img_row_weights():
-            mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool)
-            mask[self.config.img_token_ids] = True
-            weight.requires_grad_(True)
-
-            def _hook(grad: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                return grad * mask.to(device=grad.device, dtype=grad.dtype)
-
-            self._grad_mask_handles.append(weight.register_hook(_hook))
-            self._grad_masked_params.append(id(weight))
-
-    def _ensure_trainable_rows(self) -> None:
-        # Parameters can be swapped under us (loading, resizing, `.to(meta)` tricks): re-attach the row mask.
-        if self._llm_frozen and [id(w) for w in self._img_row_weights()] != self._grad_masked_params:
-            self.freeze_language_model(True)
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "StoryGPTVForConditionalGeneration":
-        model = super().from_pretrained(*args, **kwargs)
-        if isinstance(model, tuple):  # output_loading_info=True
-            model[0]._reapply_freezing()
-        else:
-            model._reapply_freezing()
-        return model
-
-    def _reapply_freezing(self) -> None:
-        realign_cpu_tensors(self)
-        if self.config.freeze_language_model:
-            self.freeze_language_model(True)
-
-    def trainable_parameter_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Optimizer parameter groups of the trainable parameters.
-
-        The embedding matrix (and an untied head) is trainable only through the ``[IMG]`` row mask; decoupled
-        weight decay (AdamW) would still shrink its frozen rows, so these matrices always get
-        ``weight_decay=0``. Everything else trainable (visual projection, mapper, LoRA) gets ``weight_decay``.
-
-        Example:
-            >>> from storygptv.testing.story_model import tiny_story_model
-            >>> model, _ = tiny_story_model()
-            >>> opt = torch.optim.AdamW(model.trainable_parameter_groups(weight_decay=0.01), lr=1e-3)
-        """
-        row_masked = {id(w) for w in self._img_row_weights()} if self._llm_frozen else set()
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if param.requires_grad:
-                (no_decay if id(param) in row_masked else decay).append(param)
-        groups = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights only, on the CPU: every trainable parameter, except that a row-masked matrix
-        (the embedding, an untied head) contributes just its ``[IMG]`` rows, under ``"<name>@img_rows"``.
-
-        This is what a stage-2 checkpoint needs: the frozen LLM is not copied.
-        """
-        masked = {id(w) for w in self._img_row_weights()} if self._llm_frozen else set()
-        ids = torch.tensor(self.config.img_token_ids or [])
-        state = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if id(param) in masked:
-                state[name + IMG_ROWS_SUFFIX] = param.detach()[ids.to(param.device)].cpu().contiguous()
-            else:
-                state[name] = param.detach().cpu().contiguous()
-        return state
-
-    @torch.no_grad()
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a :meth:`trainable_state_dict` back (the ``[IMG]`` rows into their matrices)."""
-        params = dict(self.named_parameters())
-        ids = torch.tensor(self.config.img_token_ids or [])
-        for key, value in state.items():
-            name = key[: -len(IMG_ROWS_SUFFIX)] if key.endswith(IMG_ROWS_SUFFIX) else key
-            if name not in params:
-                raise KeyError(f"The state holds {key!r}, which this story model does not have.")
-            param = params[name]
-            if key.endswith(IMG_ROWS_SUFFIX):
-                param[ids.to(param.device)] = value.to(param.device, param.dtype)
-            else:
-                param.copy_(value.to(param.device, param.dtype))
-
-    @torch.no_grad()
-    def renormalize_img_embeddings(self, include_output_head: bool = False) -> None:
-        """Rescale every ``[IMG]`` input-embedding row to the mean L2 norm of the other (frozen) rows.
-
-        Call it after each optimiser step (method notes section 3.1). With ``include_output_head`` the
-        ``[IMG]`` rows of an untied output head are rescaled the same way.
-        """
-        if not self.config.img_token_ids:
-            raise ValueError("The config has no `img_token_ids`; nothing to renormalise.")
-        weights = self._img_row_weights()
-        if not include_output_head:
-            weights = weights[:1]
-        ids = torch.tensor(self.config.img_token_ids, device=weights[0].device)
-        for weight in weights:
-            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-            keep[ids] = False
-            target = weight[keep].float().norm(dim=-1).mean()
-            rows = weight[ids].float()
-            rows = rows * (target / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            weight[ids] = rows.to(weight.dtype)
 
     # ------------------------------------------------------------------ forward pieces
     def project_images(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -547,43 +294,19 @@ class StoryGPTVForConditionalGeneration(StoryGPTVPreTrainedModel, GenerationMixi
             caption_conditioning = caption_conditioning.to(device=features.device)
         return self.ldm_mapper(features, caption_conditioning)
 
-    def align_row_weights(self, token_roles: torch.Tensor) -> torch.Tensor:
-        """(B, L) weight of each conditioning row for L_align from its role (0 other, 1 character, 2 setting)."""
-        weights = torch.ones(token_roles.shape, dtype=torch.float32, device=token_roles.device)
-        weights[token_roles == 1] = float(self.config.align_character_weight)
-        weights[token_roles == 2] = float(self.config.align_setting_weight)
-        return weights
-
     def compute_align_loss(
         self, conditioning: torch.Tensor, target: torch.Tensor, token_roles: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """L_align: ``"mse"`` (mean over elements) or ``"l2"`` (per-token L2 norm, mean over tokens and batch).
-
-        With ``token_roles`` (B, L) and a config that weighs characters or settings (``align_character_weight``,
-        ``align_setting_weight`` != 1), each row's error (its mean squared error, or its L2 norm) is averaged with
-        weight w_i per row: ``sum_i w_i e_i / sum_i w_i`` per sample, then the mean over the batch. With unit
-        weights this is the plain loss.
-        """
-        target = target.to(device=conditioning.device, dtype=torch.float32)
-        if target.shape != conditioning.shape:
-            raise ValueError(
-                f"`target_conditioning` has shape {tuple(target.shape)}, expected {tuple(conditioning.shape)}."
-            )
-        diff = conditioning.float() - target
-        weighted = token_roles is not None and (
-            self.config.align_character_weight != 1.0 or self.config.align_setting_weight != 1.0
+        """L_align with the config's distance and identity weights (see :mod:`storygptv.models.alignment`)."""
+        config = self.config
+        return alignment_loss(
+            conditioning,
+            target,
+            token_roles,
+            kind=config.align_loss,
+            character_weight=config.align_character_weight,
+            setting_weight=config.align_setting_weight,
         )
-        if not weighted:
-            if self.config.align_loss == "mse":
-                return diff.pow(2).mean()
-            return diff.norm(dim=-1).mean()
-        if token_roles.shape != diff.shape[:2]:
-            raise ValueError(
-                f"`target_token_roles` has shape {tuple(token_roles.shape)}, expected {tuple(diff.shape[:2])}."
-            )
-        per_row = diff.pow(2).mean(-1) if self.config.align_loss == "mse" else diff.norm(dim=-1)
-        weights = self.align_row_weights(token_roles.to(diff.device))
-        return ((per_row * weights).sum(-1) / weights.sum(-1).clamp_min(1e-12)).mean()
 
     def ground(self, img_hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Grounding logits ``(characters, settings)`` of the ``[IMG]`` states; ``(None, None)`` without a head."""
