@@ -25,7 +25,7 @@ from storygptv.training.data import (
 )
 from storygptv.training.hub import push_folder_to_hub, scrub_local_paths
 from storygptv.training.model_cards import card_dataset_name, write_model_card
-from storygptv.training.references import read_cast_folder, training_references
+from storygptv.training.references import read_cast_images, training_references
 
 
 def _args(tmp_path, *extra):
@@ -272,7 +272,7 @@ def test_cast_folders_read_underscores_as_spaces(tmp_path):
     PIL.Image.new("RGB", (4, 4), (255, 0, 0)).save(folder / "Mr_Slate.png")
     PIL.Image.new("L", (4, 4)).save(folder / "Fred.jpg")
     (folder / "notes.txt").write_text("not an image")
-    refs = read_cast_folder(folder)
+    refs = read_cast_images(folder)
     assert sorted(refs) == ["Fred", "Mr Slate"] and refs["Fred"].mode == "RGB"
     assert sorted(training_references(str(folder), "flintstones")) == ["Fred", "Mr Slate"]
     assert sorted(training_references(None, "synthsv")) == [
@@ -290,7 +290,7 @@ def test_cast_folders_read_underscores_as_spaces(tmp_path):
         training_references(None, "flintstones")
     empty = tmp_path / "empty_cast"
     empty.mkdir()
-    with pytest.raises(TrainingSetupError, match="holds no images"):
-        read_cast_folder(empty)
+    with pytest.raises(TrainingSetupError, match="holds no image"):
+        read_cast_images(empty)
     with pytest.raises(TrainingSetupError, match="--validation_reference_dir .* is not a folder"):
         training_references(str(tmp_path / "missing"), "synthsv", option="--validation_reference_dir")
