@@ -1,44 +1,61 @@
 """storygptv: StoryGPT-V (arXiv 2312.02252) for Hugging Face diffusers and transformers.
 
-Importing the package registers ``StoryGPTVConfig`` / ``StoryGPTVForConditionalGeneration`` with the
-transformers ``AutoConfig`` / ``AutoModel`` classes.
+The package is lazy, as transformers is: ``import storygptv`` imports none of torch, diffusers, transformers or
+datasets; each public name is imported on first use (``from storygptv import StoryGPTVPipeline``). So the command
+line starts in a fraction of a second.
+
+Two registrations happen as soon as the library they concern is imported (now, or later in the program):
+
+- with **transformers**: ``StoryGPTVConfig`` / ``StoryGPTVForConditionalGeneration`` join ``AutoConfig`` /
+  ``AutoModel`` (and ``StoryGPTVProcessor`` joins ``AutoProcessor``);
+- with **diffusers**: ``CharLDMPipeline`` and ``StoryGPTVPipeline`` become attributes of the ``diffusers``
+  module, so that ``DiffusionPipeline.from_pretrained(folder_or_repo)`` returns our pipeline classes.
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
 #: The small StoryGPT-V trained on SynthSV that ships inside the package (a pipeline folder).
 DEFAULT_MODEL = str(Path(__file__).with_name("default_model"))
 
-from .attention import (  # noqa: E402
-    CharacterAttentionProcessor,
-    CharacterAttentionStore,
-    character_attention_loss,
-    install_character_attention_processors,
-    uninstall_character_attention_processors,
-)
-from .characters import CharacterMention, find_character_mentions, find_character_tokens  # noqa: E402
-from .data import load_story_dataset  # noqa: E402
-from .grounding import ground_caption  # noqa: E402
-from .loading import ModelLoadingError  # noqa: E402
-from .models import (  # noqa: E402
-    CharacterFuser,
-    FusedPromptOutput,
-    StoryGPTVConfig,
-    StoryGPTVForConditionalGeneration,
-    StoryGPTVOutput,
-    StoryLDMMapper,
-    encode_fused_prompt,
-)
-from .pipelines import (  # noqa: E402
-    CharLDMPipeline,
-    CharLDMPipelineOutput,
-    StoryGPTVPipeline,
-    StoryGPTVPipelineOutput,
-    encode_story_images,
-)
-from .storyboard import make_storyboard  # noqa: E402
+#: Public name -> submodule that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    "CharacterAttentionProcessor": "attention",
+    "CharacterAttentionStore": "attention",
+    "character_attention_loss": "attention",
+    "install_character_attention_processors": "attention",
+    "uninstall_character_attention_processors": "attention",
+    "CharacterMention": "characters",
+    "find_character_mentions": "characters",
+    "find_character_tokens": "characters",
+    "load_story_dataset": "data",
+    "ground_caption": "grounding",
+    "ModelLoadingError": "loading",
+    "CharacterFuser": "models",
+    "FusedPromptOutput": "models",
+    "StoryContext": "models",
+    "StoryGPTVConfig": "models",
+    "StoryGPTVForConditionalGeneration": "models",
+    "StoryGPTVOutput": "models",
+    "StoryGPTVProcessor": "models",
+    "StoryLDMMapper": "models",
+    "encode_fused_prompt": "models",
+    "CharLDMPipeline": "pipelines",
+    "CharLDMPipelineOutput": "pipelines",
+    "StoryGPTVPipeline": "pipelines",
+    "StoryGPTVPipelineOutput": "pipelines",
+    "encode_story_images": "pipelines",
+    "make_storyboard": "storyboard",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -50,11 +67,13 @@ __all__ = [
     "CharacterMention",
     "FusedPromptOutput",
     "ModelLoadingError",
+    "StoryContext",
     "StoryGPTVConfig",
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",
     "StoryGPTVPipeline",
     "StoryGPTVPipelineOutput",
+    "StoryGPTVProcessor",
     "StoryLDMMapper",
     "character_attention_loss",
     "encode_fused_prompt",
@@ -63,7 +82,103 @@ __all__ = [
     "find_character_tokens",
     "ground_caption",
     "install_character_attention_processors",
-    "uninstall_character_attention_processors",
     "load_story_dataset",
     "make_storyboard",
+    "uninstall_character_attention_processors",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .attention import (
+        CharacterAttentionProcessor,
+        CharacterAttentionStore,
+        character_attention_loss,
+        install_character_attention_processors,
+        uninstall_character_attention_processors,
+    )
+    from .characters import CharacterMention, find_character_mentions, find_character_tokens
+    from .data import load_story_dataset
+    from .grounding import ground_caption
+    from .loading import ModelLoadingError
+    from .models import (
+        CharacterFuser,
+        FusedPromptOutput,
+        StoryContext,
+        StoryGPTVConfig,
+        StoryGPTVForConditionalGeneration,
+        StoryGPTVOutput,
+        StoryGPTVProcessor,
+        StoryLDMMapper,
+        encode_fused_prompt,
+    )
+    from .pipelines import (
+        CharLDMPipeline,
+        CharLDMPipelineOutput,
+        StoryGPTVPipeline,
+        StoryGPTVPipelineOutput,
+        encode_story_images,
+    )
+    from .storyboard import make_storyboard
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+# --------------------------------------------------------------------------------------------------
+# Registrations with transformers and diffusers, when (or as soon as) they are imported
+# --------------------------------------------------------------------------------------------------
+def _register_with_transformers() -> None:
+    importlib.import_module(".models", __name__)  # its modules register the Auto classes on import
+
+
+def _register_with_diffusers() -> None:
+    # Our pipelines register themselves with diffusers when their package is imported (see
+    # ``pipelines/__init__.py``); when that import is what brought diffusers in, it is under way already.
+    if f"{__name__}.pipelines" not in sys.modules:
+        importlib.import_module(".pipelines", __name__)
+
+
+_AFTER_IMPORT: dict[str, Callable[[], None]] = {
+    "transformers": _register_with_transformers,
+    "diffusers": _register_with_diffusers,
+}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a registration once a library's top-level module has finished importing (a post-import hook)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        hook = _AFTER_IMPORT.get(fullname)
+        if hook is None:
+            return None
+        sys.meta_path.remove(self)  # find the real spec with the other finders (and never recurse)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _AFTER_IMPORT.pop(fullname, None)
+            hook()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+for _library in list(_AFTER_IMPORT):
+    if _library in sys.modules:
+        _AFTER_IMPORT.pop(_library)()
+if _AFTER_IMPORT:
+    sys.meta_path.insert(0, _AfterImport())

@@ -1,10 +1,6 @@
-"""The ``storygptv`` command line.
+"""The ``storygptv`` command line: ``storygptv generate --story FILE --out DIR [options]``.
 
-``storygptv generate --story FILE --out DIR [--model ID_OR_DIR] [--characters DIR] [--steps N] [--seed N]``
-reads a story (one caption per line, or JSON ``{"captions": [...], "characters": {name: image path}}``),
-writes one PNG per frame as soon as it is finished, then ``storyboard.png``. An ``--out`` holding an
-earlier story is refused unless ``--overwrite`` (its frames and storyboard are then removed first).
-Every problem with the inputs is reported in one line before the model loads.
+It imports neither torch nor diffusers until a story is really drawn, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -17,6 +13,27 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+DESCRIPTION = """\
+Turn a story into one image per caption, plus a storyboard.
+
+The story is a text file with one caption per line (lines starting with # are comments), or JSON
+{"captions": [...], "characters": {"Name": "image.png"}}. Later captions may use pronouns
+("Ava and Bo are standing in the forest." / "They are jumping."): the story model resolves them.
+Each frame is written to OUT/frame_NNN.png as soon as it is finished, then OUT/storyboard.png.
+An OUT holding an earlier story is refused unless --overwrite. Every problem with the inputs is
+reported in one line before the model loads."""
+
+#: What the embedded default model knows (tests check this text against the model folder).
+DEFAULT_MODEL_LIMITS = """\
+The embedded default model (used without --model) is a small StoryGPT-V trained on SynthSV, a
+procedural story world; it draws 64x64 frames and knows only that world:
+  characters  Ava, Bo, Cleo, Dax, Eli, Fay, Gus, Hana (reference images ship with the model)
+  settings    forest, beach, kitchen, night, snow, desert, lake, cave
+  actions     standing, jumping, sitting, talking, laughing, waving
+  1 to 3 characters per frame, captions of at most 24 tokens, written like
+  "Ava and Bo are jumping in the forest." / "They are sitting." / "She is waving in the lake."
+Its measured quality is in benchmarks/README.md and in the model card (default_model/README.md)."""
 
 #: The files a story writes into ``--out`` (an earlier story's are refused unless ``--overwrite``).
 FRAME_FILE = re.compile(r"frame_\d{3,}\.png")
@@ -136,6 +153,12 @@ def check_model_folder(model: str) -> Path | None:
 
     folder = Path(model)
     if not folder.exists():
+        looks_like_path = model.startswith((".", "/", "~")) or model.endswith("/") or model.count("/") != 1
+        if looks_like_path:
+            raise SystemExit(
+                f"error: --model {model!r} does not exist; pass a StoryGPTVPipeline folder or a Hub id "
+                "(organisation/name)."
+            )
         return None  # a Hub id: from_pretrained reports problems itself
     if not folder.is_dir():
         raise SystemExit(f"error: --model {model!r} is a file; pass a StoryGPTVPipeline folder or a Hub id.")
@@ -248,24 +271,39 @@ def generate(args: argparse.Namespace) -> int:
         path.unlink()
 
     def save_frame(pipeline: Any, index: int, image: Any) -> None:
-        image.save(out / f"frame_{index + 1:03d}.png")  # each frame is on disk as soon as it is done
+        path = out / f"frame_{index + 1:03d}.png"
+        image.save(path)  # each frame is on disk as soon as it is done
+        print(f"frame {index + 1}/{len(captions)}: {path} ({time.perf_counter() - start:.1f} s)", flush=True)
 
-    kwargs: dict[str, Any] = {}
-    if args.steps is not None:
-        kwargs["num_inference_steps"] = args.steps
-    if args.guidance_scale is not None:
-        kwargs["guidance_scale"] = args.guidance_scale
-    result = pipe(
-        captions,
-        characters=cast or None,
-        generator=torch.Generator(device).manual_seed(args.seed),
-        context_window=args.context_window,
-        callback_on_frame_end=save_frame,
-        **kwargs,
-    )
+    try:
+        result = pipe(
+            captions,
+            characters=cast or None,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            start_merge_step=args.start_merge_step,
+            height=args.height,
+            width=args.width,
+            context_window=args.context_window,
+            grounding=None if args.grounding == "auto" else args.grounding,
+            generator=torch.Generator(device).manual_seed(args.seed),
+            callback_on_frame_end=save_frame,
+        )
+    except (ValueError, TypeError) as error:  # the pipeline's checks name the argument
+        raise SystemExit(f"error: {error}") from error
     make_storyboard(result.images, captions).save(out / STORYBOARD_FILE)
-    print(f"wrote {len(captions)} frames and storyboard.png to {out} in {time.perf_counter() - start:.1f} s")
+    for number, (caption, drawn) in enumerate(zip(captions, result.captions), start=1):
+        if drawn != caption:
+            print(f'frame {number}: "{caption}" was drawn as "{drawn}"')
+    print(f"wrote {len(captions)} frames and {out / STORYBOARD_FILE} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser(
         "generate",
         help="turn a story into one image per caption plus a storyboard",
-        description=__doc__,
+        description=DESCRIPTION,
+        epilog=DEFAULT_MODEL_LIMITS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("--story", required=True, help="a .txt file (one caption per line) or a .json story")
@@ -287,17 +326,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the frames and storyboard of an earlier story in --out",
     )
     gen.add_argument(
-        "--model", default=None, help="a StoryGPTVPipeline folder or Hub id (default: the embedded model)"
+        "--model",
+        default=None,
+        help="a StoryGPTVPipeline folder or Hub id (default: the embedded model, see below)",
     )
-    gen.add_argument("--characters", default=None, help="folder of reference images named after characters")
     gen.add_argument(
-        "--steps", type=int, default=None, help="denoising steps per frame (default: the model's)"
+        "--characters",
+        default=None,
+        help="folder of reference images named after their characters (Mr_Slate.png is 'Mr Slate'); default: "
+        "the model's own characters/ folder",
     )
-    gen.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight")
-    gen.add_argument("--context-window", type=int, default=None, help="frames of history the LLM reads")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    gen.add_argument(
+        "--steps", type=_positive_int, default=30, help="denoising steps per frame (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance weight (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--start-merge-step",
+        type=int,
+        default=None,
+        help="first denoising step that uses the character / story conditioning; the earlier steps use the "
+        "plain caption (default: half the steps)",
+    )
+    gen.add_argument("--height", type=_positive_int, default=None, help="frame height (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="frame width (default: the model's)")
+    gen.add_argument(
+        "--context-window",
+        type=_positive_int,
+        default=None,
+        help="earlier frames the story model reads (default: the whole story)",
+    )
+    gen.add_argument(
+        "--grounding",
+        choices=("auto", "fuse", "none"),
+        default="auto",
+        help="fuse: write the characters and setting the story model resolves for pronouns into the caption; "
+        "none: the story model's conditioning alone; auto (default): fuse when the model can ground",
+    )
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: the same seed draws the same story (default: %(default)s)",
+    )
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="weights and compute type (default: float16 on CUDA, float32 otherwise)",
+    )
     gen.set_defaults(func=generate)
     return parser
 
