@@ -7,6 +7,7 @@ too. They fine-tune the embedded default model for a few steps (about 30 s on on
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import json
@@ -151,14 +152,23 @@ def test_the_guide_fine_tunes_the_default_model_on_new_characters(guide):
     assert tokenizer.unk_token_id not in tokenizer(" Nia and Rex are waving.")["input_ids"]
 
 
-def test_the_guide_python_examples_run(guide):
-    loading, drawing = guide_blocks("python")
+def test_the_guide_python_examples_run(guide, monkeypatch, capsys):
+    import evaluate
+
+    monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", guide / "evaluate_modules")
+    monkeypatch.setattr(evaluate.config, "HF_METRICS_CACHE", guide / "evaluate_metrics")
+    loading, drawing, scoring = guide_blocks("python")
     with working_in(guide):  # beside the copy of examples/ and the fine-tuned model
         namespace: dict = {}
         exec(compile(loading, str(GUIDE), "exec"), namespace)
         assert list(namespace["held_out"]["story_id"]) == ["night_walk"]
-        exec(compile(drawing, str(GUIDE), "exec"), {})
+        namespace = {}
+        exec(compile(drawing, str(GUIDE), "exec"), namespace)
+        exec(compile(scoring, str(GUIDE), "exec"), namespace)
     assert (guide / "they_are_waving.png").is_file()
+    # night_walk: "Nia", "Nia and Rex", then "They": the last frame's pronoun is not resolved.
+    scores = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["precision"] == 100.0 and scores["recall"] == pytest.approx(60.0)
 
 
 # ------------------------------------------------------------------------------------------ the library
