@@ -129,7 +129,11 @@ def load_story_dataset(
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     key = _NAME_ALIASES.get(key, key)
     if key not in DATASET_NAMES:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}.")
+        built_in = [n for n in DATASET_NAMES if n != "folder"]
+        raise ValueError(
+            f"Unknown dataset {name!r}; valid names: {built_in}, or 'folder' for your own stories in `data_dir` "
+            "(frames, metadata.jsonl and characters/)."
+        )
     split = normalize_split(split)
     if key == "folder":
         from .folder import load_story_folder
