@@ -104,6 +104,7 @@ def test_tiny_run_exports_a_loadable_pipeline(script, tiny_folder, tmp_path):
     assert any((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "validation" / "step-2" / "00.png").exists()
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert len(list((out / "characters").glob("*.png"))) == 8  # the cast: SynthSV's references
     pipe = CharLDMPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     from storygptv.data.synthsv import reference_images

@@ -192,7 +192,8 @@ def test_every_exported_folder_gets_its_card_from_one_writer(tmp_path):
     )
     data = lm.data.to_dict()
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
-    assert "diffusers" not in data["tags"] and "synthsv (custom copy)" in str(lm)
+    assert "diffusers" not in data["tags"] and "copy (datasets save_to_disk folder)" in str(lm)
+    assert "datasets" not in data  # a local folder is named in the text, never as Hub metadata
     assert "AutoModelForCausalLM.from_pretrained" in str(lm)
     story = write_model_card(
         tmp_path / "sm",

@@ -311,6 +311,7 @@ def test_stage2_end_to_end_whole_pipeline(stage2, char_ldm_dir, lm_dir, targets_
     assert "library_name: diffusers" in card and "StoryGPTVPipeline" in card
     assert (out / "checkpoint-2" / TRAINABLE_FILE).exists()
     assert not (out / "checkpoint-2" / "model.safetensors").exists()  # the frozen LLM is not re-saved
+    assert (out / "characters" / "Ava.png").is_file()  # the cast of the targets (SynthSV's references)
 
     pipe = StoryGPTVPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)

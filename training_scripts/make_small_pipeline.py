@@ -32,10 +32,10 @@ from transformers import (
 )
 
 from storygptv import CharacterFuser, CharLDMPipeline
-from storygptv.characters import cast_file_stem
 from storygptv.data.synthsv import reference_images, sample_story
 from storygptv.tokenization import build_bpe_tokenizer
 from storygptv.training.hub import scrub_local_paths
+from storygptv.training.references import write_cast
 
 HERE = Path(__file__).parent
 DEFAULT_CONFIG = HERE / "configs" / "synthsv_small" / "pipeline.json"
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.output_dir)
     pipe.save_pretrained(out)
     scrub_local_paths(out)
-    write_reference_images(out / "characters", size=config["image_encoder"]["image_size"])
+    write_cast(out, reference_images(size=config["image_encoder"]["image_size"]))
     params = {
         name: sum(p.numel() for p in m.parameters())
         for name, m in pipe.components.items()
@@ -129,13 +129,6 @@ def main(argv: list[str] | None = None) -> Path:
     }
     print(f"wrote {out}: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items()))
     return out
-
-
-def write_reference_images(folder: Path, size: int = 64) -> None:
-    """SynthSV's reference image of every character as ``folder/<Name>.png``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, image in reference_images(size=size).items():
-        image.save(folder / f"{cast_file_stem(name)}.png")
 
 
 if __name__ == "__main__":

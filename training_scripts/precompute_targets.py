@@ -29,9 +29,10 @@ shards, so no finished work is lost. The computation is the library's
 (:func:`storygptv.training.targets.compute_targets`); :func:`storygptv.training.targets.load_precomputed_targets`
 reads the folder back.
 
-Reference images: SynthSV uses :func:`storygptv.data.synthsv.reference_images` by default; FlintstonesSV and
-PororoSV need ``--reference_images_dir`` (one ``<Name>.png`` / ``.jpg`` per character, e.g. ``Fred.png``,
-``Mr_Slate.png``: underscores stand for spaces).
+Reference images: SynthSV uses :func:`storygptv.data.synthsv.reference_images` by default, a story folder
+(``--dataset folder --data_dir DIR``, see docs/finetune.md) its ``DIR/characters``; FlintstonesSV, PororoSV
+and ``--train_dataset_path`` need ``--reference_images_dir`` (one ``<Name>.png`` / ``.jpg`` per character,
+e.g. ``Fred.png``, ``Mr_Slate.png``: underscores stand for spaces).
 
 Example::
 
@@ -49,6 +50,12 @@ from pathlib import Path
 import torch
 
 from storygptv.training.accelerate_setup import setup_logging
+from storygptv.training.arguments import (
+    DATA_DIR_HELP,
+    DATASET_HELP,
+    TRAIN_DATASET_PATH_HELP,
+    frames_per_story_default,
+)
 from storygptv.training.checks import DATASET_CHOICES, check_dataset
 from storygptv.training.data import load_train_stories
 from storygptv.training.references import training_references
@@ -65,19 +72,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The trained Char-LDM pipeline (Hub id or folder with text_encoder, tokenizer, image_encoder, "
         "fuser, feature_extractor).",
     )
-    parser.add_argument("--dataset", default="synthsv", choices=DATASET_CHOICES)
-    parser.add_argument("--data_dir", default=None, help="Folder of the release (FlintstonesSV / PororoSV).")
+    parser.add_argument("--dataset", default="synthsv", choices=DATASET_CHOICES, help=DATASET_HELP)
+    parser.add_argument("--data_dir", default=None, help=DATA_DIR_HELP)
     parser.add_argument("--split", default="train", help="train, validation or test.")
-    parser.add_argument("--frames_per_story", type=int, default=4)
+    parser.add_argument(
+        "--frames_per_story",
+        type=int,
+        default=None,
+        help="Frames per story (default: 4; whole stories for --dataset folder, whose longer stories a number "
+        "cuts to their first frames).",
+    )
     parser.add_argument("--num_stories", type=int, default=None, help="Only the first N stories.")
-    parser.add_argument("--train_dataset_path", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train_dataset_path", default=None, help=TRAIN_DATASET_PATH_HELP)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the dataset loader (frame choice).")
     parser.add_argument("--output_dir", required=True, help="Where the shards and the config go.")
     parser.add_argument(
         "--reference_images_dir",
         default=None,
-        help="Folder of <Name>.png reference images, one per character (default for synthsv: the fixed "
-        "SynthSV references).",
+        help="Folder of <Name>.png reference images, one per character (default: the fixed SynthSV references "
+        "for synthsv, DIR/characters for --dataset folder --data_dir DIR).",
     )
     parser.add_argument(
         "--target_type",
@@ -114,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.batch_size < 1:
         parser.error("--shard_size and --batch_size must be >= 1.")
+    args.frames_per_story = frames_per_story_default(args.dataset, args.frames_per_story)
     return args
 
 
@@ -124,7 +138,11 @@ def main(argv: list[str] | None = None) -> Path:
     # Every check that can fail runs before the long work (compute_targets checks the model folder).
     check_dataset(args.dataset, args.data_dir, args.train_dataset_path)
     references = training_references(
-        args.reference_images_dir, args.dataset, args.train_dataset_path, required=args.target_type == "fused"
+        args.reference_images_dir,
+        args.dataset,
+        args.train_dataset_path,
+        data_dir=args.data_dir,
+        required=args.target_type == "fused",
     )
     stories = load_train_stories(
         args.dataset,

@@ -17,6 +17,10 @@ Start from a Char-LDM folder or Hub id, or from Stable Diffusion 1.5 plus ``--im
         --dataset flintstones --data_dir data/flintstones --output_dir outputs/char-ldm-flintstones \
         --mixed_precision bf16 --train_batch_size 32 --max_train_steps 100000
 
+Your own stories: ``--dataset folder --data_dir DIR`` (frames, ``metadata.jsonl`` and ``characters/``; see
+docs/finetune.md). The exported folder carries its cast in ``characters/``: ``--reference_images_dir``, else
+the dataset's own references (SynthSV's, or ``DIR/characters``), else those of the starting pipeline.
+
 Determinism: the data order, the collator's randomness, the noise and the timesteps of micro-step ``i``
 depend only on ``(--seed, i, rank)``; a run resumed with ``--resume_from_checkpoint latest`` ends with
 the same weights as an uninterrupted one. The loop and its LR-scheduler semantics (schedules count
@@ -78,7 +82,12 @@ from storygptv.training.loop import (
     seed_micro_step,
 )
 from storygptv.training.model_cards import card_dataset_name, write_model_card
-from storygptv.training.references import training_references
+from storygptv.training.references import (
+    pipeline_cast,
+    read_cast_images,
+    training_references,
+    write_cast,
+)
 from storygptv.training.resume import find_resume_checkpoint, resume_training
 
 logger = logging.getLogger("train_char_ldm")
@@ -109,7 +118,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_text_encoder",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Train the text encoder (default: off as in the paper; on for --dataset synthsv).",
+        help="Train the text encoder (default: off as in the paper; on for --dataset synthsv). Pass it to teach "
+        "the text side new character names, e.g. when fine-tuning the small default model (whose tokenizer and "
+        "text encoder only saw SynthSV captions) on your own stories.",
+    )
+    g.add_argument(
+        "--reference_images_dir",
+        type=str,
+        default=None,
+        help='The cast: a folder of <Name>.png reference images (Mr_Slate.png is "Mr Slate"), written to '
+        "<output_dir>/characters/ and used by validation. Default: SynthSV's references, the characters/ of "
+        "--dataset folder, else the starting pipeline's characters/.",
     )
     g.add_argument("--reg_weight", type=float, default=1e-3, help="Weight of L_reg (0 disables it).")
     g.add_argument(
@@ -155,7 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation_reference_dir",
         type=str,
         default=None,
-        help="Folder of <Name>.png reference images (default for SynthSV: its rendered references).",
+        help="Folder of <Name>.png reference images for validation (default: the cast, see "
+        "--reference_images_dir).",
     )
     args = parser.parse_args(argv)
     if args.train_text_encoder is None:
@@ -304,16 +324,24 @@ def union_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- validation
-def run_validation(pipe: CharLDMPipeline, args: argparse.Namespace, accelerator: Any, step: int) -> list[Any]:
-    """Draw ``--validation_prompts`` (each with the references of the characters it names) into
-    ``<output_dir>/validation/step-<step>/`` and tensorboard."""
-    refs = training_references(
-        args.validation_reference_dir,
+def run_cast(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's cast (``{name: image}``): ``--reference_images_dir``, else the dataset's own references,
+    else the ``characters/`` of the starting pipeline folder (``{}`` when there is none)."""
+    cast = training_references(
+        args.reference_images_dir,
         args.dataset,
         args.train_dataset_path,
+        data_dir=args.data_dir,
         required=False,
-        option="--validation_reference_dir",
     )
+    return cast or pipeline_cast(args.pretrained_model_name_or_path)
+
+
+def run_validation(
+    pipe: CharLDMPipeline, args: argparse.Namespace, accelerator: Any, step: int, refs: dict[str, Any]
+) -> list[Any]:
+    """Draw ``--validation_prompts`` (each with the references ``refs`` of the characters it names) into
+    ``<output_dir>/validation/step-<step>/`` and tensorboard."""
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i, prompt in enumerate(args.validation_prompts):
@@ -351,6 +379,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_dataset(args.dataset, args.data_dir, args.train_dataset_path)
     if args.pretrained_model_name_or_path and Path(args.pretrained_model_name_or_path).is_dir():
         check_pipeline_folder(args.pretrained_model_name_or_path)
+    cast = run_cast(args)
+    validation_refs = (
+        read_cast_images(args.validation_reference_dir, "--validation_reference_dir")
+        if args.validation_reference_dir
+        else cast
+    )
+    if not cast:
+        logger.warning(
+            "No cast: the exported folder gets no characters/ (pass --reference_images_dir, one <Name>.png per "
+            "character, so that the CLI draws with reference images)."
+        )
     settings = run_settings(args)
     resume_path = find_resume_checkpoint(
         args.resume_from_checkpoint,
@@ -541,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             and global_step % args.validation_steps == 0
             and global_step < args.max_train_steps
         ):
-            _validate(accelerator, model, pipe, ema, params, args, global_step)
+            _validate(accelerator, model, pipe, ema, params, args, global_step, validation_refs)
     steps.close()
 
     # Final export (EMA weights when on).
@@ -554,8 +593,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"output_dir": args.output_dir, **steps.summary()}
     if accelerator.is_main_process:
         final = export_pipeline(pipe, unwrapped, args)
+        write_cast(args.output_dir, cast)
         if args.validation_prompts:
-            run_validation(final, args, accelerator, global_step)
+            run_validation(final, args, accelerator, global_step, validation_refs)
         write_model_card(
             args.output_dir,
             "char_ldm",
@@ -563,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base_model=args.pretrained_model_name_or_path
             if was_char_ldm
             else [args.pretrained_model_name_or_path, args.image_encoder_name_or_path],
-            dataset=card_dataset_name(args.dataset, args.train_dataset_path),
+            dataset=card_dataset_name(args.dataset, args.train_dataset_path, args.data_dir),
             hyperparameters=_card_hyperparameters(args, total_batch),
             metrics={f"final {k}": v for k, v in steps.last_logs.items() if k.startswith("loss")}
             | {"optimizer steps": global_step},
@@ -614,14 +654,14 @@ def build_latent_cache(accelerator: Any, vae: Any, frames: Any, args: argparse.N
     return LatentCache(path)
 
 
-def _validate(accelerator, model, pipe, ema, params, args, step) -> None:
+def _validate(accelerator, model, pipe, ema, params, args, step, refs) -> None:
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     if ema is not None:
         ema.store(params)
         ema.copy_to(params)
     try:
-        run_validation(_inference_pipeline(pipe, unwrapped), args, accelerator, step)
+        run_validation(_inference_pipeline(pipe, unwrapped), args, accelerator, step, refs)
     finally:
         if ema is not None:
             ema.restore(params)

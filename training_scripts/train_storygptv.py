@@ -43,8 +43,10 @@ training script (``storygptv.training``); checkpoints hold only the trained weig
 
 After every optimizer step the ``[IMG]`` rows are rescaled to the mean norm of the frozen rows. The final folder
 is a whole :class:`storygptv.pipelines.pipeline_storygptv.StoryGPTVPipeline` (Char-LDM components of
-``--pretrained_model_name_or_path`` + the trained story model and its tokenizer), or only the story model with
-``--save_story_model_only``.
+``--pretrained_model_name_or_path`` + the trained story model and its tokenizer) that carries its cast in
+``characters/`` (the reference images of the targets: ``--reference_images_dir``, else SynthSV's or the story
+folder's, else the Char-LDM folder's ``characters/``), or only the story model with ``--save_story_model_only``.
+Your own stories: ``--dataset folder --data_dir DIR`` (docs/finetune.md).
 
 Example::
 
@@ -71,7 +73,7 @@ from storygptv.training.accelerate_setup import (
     setup_logging,
     weight_dtype_for,
 )
-from storygptv.training.arguments import run_settings, training_arg_parser
+from storygptv.training.arguments import frames_per_story_default, run_settings, training_arg_parser
 from storygptv.training.checkpoints import save_checkpoint
 from storygptv.training.checks import TrainingSetupError, check_dataset, check_pipeline_folder
 from storygptv.training.data import (
@@ -90,8 +92,13 @@ from storygptv.training.loop import (
     optimizer_step,
     seed_micro_step,
 )
-from storygptv.training.model_cards import write_model_card
-from storygptv.training.references import training_references
+from storygptv.training.model_cards import card_dataset_name, write_model_card
+from storygptv.training.references import (
+    pipeline_cast,
+    read_cast_images,
+    training_references,
+    write_cast,
+)
 from storygptv.training.resume import find_resume_checkpoint, resume_training
 from storygptv.training.stage2 import (
     BEST_DIR,
@@ -143,8 +150,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Output of precompute_targets.py. Default: computed (resumably) into <output_dir>/targets from "
         "--dataset / --data_dir with the Char-LDM of --pretrained_model_name_or_path.",
     )
-    g.add_argument("--frames_per_story", type=int, default=4, help="(on-the-fly targets) frames per story.")
-    g.add_argument("--reference_images_dir", default=None, help="(on-the-fly targets) <Name>.png references.")
+    g.add_argument(
+        "--frames_per_story",
+        type=int,
+        default=None,
+        help="(on-the-fly targets) frames per story (default: 4; whole stories for --dataset folder).",
+    )
+    g.add_argument(
+        "--reference_images_dir",
+        default=None,
+        help="<Name>.png references: fused into the on-the-fly targets, and the cast written to "
+        "<output_dir>/characters/ (default: the targets' own references, else the Char-LDM folder's).",
+    )
     g.add_argument(
         "--target_type",
         choices=("fused", "text"),
@@ -292,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--story_config_overrides is not valid JSON: {error}")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16.")
+    args.frames_per_story = frames_per_story_default(args.dataset, args.frames_per_story)
     if args.validation_steps is None:
         args.validation_steps = args.checkpointing_steps
     if args.validation_steps < 1:
@@ -389,6 +407,26 @@ def build_story_model(
     return model, tokenizer
 
 
+def targets_references(reference_images_dir: str | None, targets_dir: str) -> dict[str, Any]:
+    """The cast of a run on precomputed targets: ``--reference_images_dir``, else the references the targets
+    were computed with (read again from what ``precompute_config.json`` recorded; ``{}`` when that cannot be
+    read from here, e.g. a relative path from another working directory)."""
+    if reference_images_dir:
+        return read_cast_images(reference_images_dir)
+    source = json.loads((Path(targets_dir) / CONFIG_FILE).read_text())
+    try:
+        return training_references(
+            source.get("reference_images_dir"),
+            str(source.get("dataset") or ""),
+            source.get("train_dataset_path"),
+            data_dir=source.get("data_dir"),
+            required=False,
+        )
+    except TrainingSetupError as error:
+        logger.warning("The references of %s cannot be read again (%s).", targets_dir, error)
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Path:
     """Train stage 2; returns the output folder."""
@@ -422,6 +460,7 @@ def main(argv: list[str] | None = None) -> Path:
             args.reference_images_dir,
             args.dataset,
             args.train_dataset_path,
+            data_dir=args.data_dir,
             required=args.target_type == "fused",
         )
         targets_dir = str(output_dir / "targets")
@@ -429,6 +468,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise TrainingSetupError(
             f"--targets_dir {targets_dir!r} is not a precompute_targets.py output (no {CONFIG_FILE})."
         )
+    else:
+        references = targets_references(args.reference_images_dir, targets_dir)
+    cast = references or pipeline_cast(args.pretrained_model_name_or_path)
     val_data = None
     if args.validation_targets_dir is not None:  # loaded now: a clear error before training if incomplete
         val_data = load_precomputed_targets(args.validation_targets_dir)
@@ -662,7 +704,7 @@ def main(argv: list[str] | None = None) -> Path:
             "loss_weights": w,
             "num_stories": len(data),
         }
-        export(args, output_dir, final, tokenizer, summary, target_info)
+        export(args, output_dir, final, tokenizer, summary, target_info, cast)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if args.push_to_hub:
             url = push_folder_to_hub(
@@ -684,8 +726,10 @@ def export(
     tokenizer: Any,
     summary: dict[str, Any],
     target_info: dict,
+    cast: dict[str, Any],
 ) -> None:
-    """Save the whole StoryGPTVPipeline (or the story model only) with its model card."""
+    """Save the whole StoryGPTVPipeline (with its ``cast`` in ``characters/``), or the story model only, with
+    its model card."""
     from storygptv import CharLDMPipeline
     from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
 
@@ -708,7 +752,9 @@ def export(
     if summary.get("best_validation"):
         metrics["best validation align_loss"] = summary["best_validation"]["align_loss"]
         metrics["exported step"] = summary["exported_step"]
-    dataset = "custom stories" if target_info.get("train_dataset_path") else target_info.get("dataset")
+    dataset = card_dataset_name(
+        target_info.get("dataset"), target_info.get("train_dataset_path"), target_info.get("data_dir")
+    )
     repo_id = args.hub_model_id or output_dir.name
     if args.save_story_model_only:
         model.save_pretrained(output_dir)
@@ -729,6 +775,7 @@ def export(
     pipe = StoryGPTVPipeline(**char_ldm.components, story_model=model, story_tokenizer=tokenizer)
     pipe.save_pretrained(output_dir)
     scrub_local_paths(output_dir)
+    write_cast(output_dir, cast)
     write_model_card(
         output_dir,
         "storygptv",

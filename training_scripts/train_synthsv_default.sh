@@ -48,7 +48,6 @@ python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/
     --train_batch_size 32 --learning_rate 3e-4 --lr_scheduler cosine --lr_warmup_steps 200 \
     --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$CHAR_LDM_DECAY_STEPS" \
     --checkpointing_steps 250 --checkpoints_total_limit 2 --seed 1 --resume_from_checkpoint latest
-cp -r "$OUT/char_ldm_init/characters" "$OUT/char_ldm_decay/" 2>/dev/null || true
 
 echo "== 4/7 the small LLM on SynthSV stories of 8 frames (${LM_STEPS} steps)"
 python training_scripts/train_text_lm.py --dataset synthsv --output_dir "$OUT/lm" \
@@ -72,7 +71,6 @@ python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT
     --grounding --lora_rank 16 --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 100 \
     --max_train_steps "$STAGE2_STEPS" --checkpointing_steps 250 --checkpoints_total_limit 3 --seed 0 \
     --resume_from_checkpoint latest --validation_targets_dir "$OUT/targets_val"
-cp -r "$OUT/char_ldm_init/characters" "$OUT/storygptv/" 2>/dev/null || true
 
 echo "== 7/7 quality on SynthSV test stories"
 python benchmarks/synthsv_quality.py --model "$OUT/storygptv" --stories "$EVAL_STORIES" --steps 30 \

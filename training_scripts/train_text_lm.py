@@ -12,6 +12,9 @@ multi-billion-parameter LLM (e.g. for SynthSV or for tests):
 3. the LM is trained on whole stories: the referential captions of a story joined into one text, so that it
    learns that "She" in frame 3 refers to a character named earlier.
 
+Your own stories: ``--dataset folder --data_dir DIR`` (docs/finetune.md); the BPE tokenizer is then trained on
+your captions, so the LM learns your characters' names.
+
 The output folder loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` and
 is what ``train_storygptv.py --language_model_name_or_path`` expects.
 
@@ -36,7 +39,7 @@ import torch
 
 from storygptv.tokenization import build_bpe_tokenizer
 from storygptv.training.accelerate_setup import init_trackers, make_accelerator, setup_logging
-from storygptv.training.arguments import run_settings, training_arg_parser
+from storygptv.training.arguments import frames_per_story_default, run_settings, training_arg_parser
 from storygptv.training.checkpoints import save_checkpoint
 from storygptv.training.checks import TrainingSetupError, check_dataset
 from storygptv.training.data import (
@@ -77,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         output_dir="outputs/text-lm",
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--frames_per_story", type=int, default=4, help="Frames (captions) per training story.")
+    g.add_argument(
+        "--frames_per_story",
+        type=int,
+        default=None,
+        help="Frames (captions) per training story (default: 4; whole stories for --dataset folder).",
+    )
     g.add_argument(
         "--include_original_captions",
         action="store_true",
@@ -119,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Train LoRA adapters of this rank on a pretrained LM (merged into the saved weights); 0: full.",
     )
     args = parser.parse_args(argv)
+    args.frames_per_story = frames_per_story_default(args.dataset, args.frames_per_story)
     if args.max_length < 8:
         parser.error("--max_length must be at least 8.")
     if args.lora_rank and not args.pretrained_model_name_or_path:
@@ -454,7 +463,7 @@ def write_text_lm_card(args: argparse.Namespace, folder: Path, model: Any) -> No
         "text_lm",
         repo_id=args.hub_model_id,
         base_model=args.pretrained_model_name_or_path,
-        dataset=card_dataset_name(args.dataset, args.train_dataset_path),
+        dataset=card_dataset_name(args.dataset, args.train_dataset_path, args.data_dir),
         hyperparameters=hyper,
         tags=["text-generation"],
     )

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vae",
             repo_id=args.hub_model_id,
             base_model=args.pretrained_model_name_or_path,
-            dataset=card_dataset_name(args.dataset, args.train_dataset_path),
+            dataset=card_dataset_name(args.dataset, args.train_dataset_path, args.data_dir),
             hyperparameters={k: getattr(args, k) for k in card_keys}
             | {"block_out_channels": list(unwrapped.config.block_out_channels)},
             metrics={"validation frames": n_val, **metrics, "optimizer steps": global_step},

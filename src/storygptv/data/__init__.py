@@ -14,6 +14,9 @@ row per story and the columns of :data:`STORY_COLUMNS`:
 - ``character_labels``: per frame, the multi-hot (int8) vector in the dataset's label order;
 - ``background`` (str per frame) and ``background_labels`` (int8 multi-hot per frame, or ``[]``).
 
+``load_story_dataset("folder", data_dir=...)`` reads your own stories: frames, a ``metadata.jsonl`` (one
+JSON object per frame) and a ``characters/`` folder of reference images (:mod:`storygptv.data.folder`).
+
 The rules every loader shares have one home each: split names (:func:`normalize_split`), label
 vectors (:func:`multi_hot`) and, for the release loaders, their options (:class:`ReleaseOptions`).
 """
@@ -31,14 +34,17 @@ __all__ = [
     "DATASET_NAMES",
     "STORY_COLUMNS",
     "ReleaseOptions",
+    "StoryFolderError",
     "CharLDMCollator",
     "StoryGPTVCollator",
     "load_flintstones",
     "load_pororo",
     "load_story_dataset",
+    "load_story_folder",
     "load_synthsv",
     "multi_hot",
     "normalize_split",
+    "read_story_folder",
     "story_features",
     "story_frames",
 ]
@@ -50,6 +56,9 @@ _LAZY = {
     "story_frames": ".frames",
     "load_flintstones": ".flintstones",
     "load_pororo": ".pororo",
+    "load_story_folder": ".folder",
+    "read_story_folder": ".folder",
+    "StoryFolderError": ".folder",
     "load_synthsv": ".synthsv",
 }
 
@@ -64,7 +73,7 @@ def __getattr__(name: str) -> Any:
 
 
 #: Names accepted by :func:`load_story_dataset`.
-DATASET_NAMES: tuple[str, ...] = ("flintstones", "pororo", "synthsv")
+DATASET_NAMES: tuple[str, ...] = ("flintstones", "pororo", "synthsv", "folder")
 
 _NAME_ALIASES = {"flintstonessv": "flintstones", "pororosv": "pororo"}
 
@@ -73,7 +82,7 @@ def load_story_dataset(
     name: str,
     data_dir: str | Path | None = None,
     split: str = "train",
-    frames_per_story: int = 4,
+    frames_per_story: int | None = None,
     referential: bool = True,
     referential_compat: str | None = None,
     seed: int = 0,
@@ -86,18 +95,21 @@ def load_story_dataset(
     """Load a story-visualisation dataset in the common story schema (one row per story).
 
     Args:
-        name: ``"flintstones"``, ``"pororo"`` or ``"synthsv"`` (case-insensitive; "FlintstonesSV" and
-            "PororoSV" are accepted).
-        data_dir: the folder of the downloaded release (FlintstonesSV, PororoSV); SynthSV is generated
-            and ignores it.
-        split: ``"train"``, ``"validation"`` (or ``"val"``) or ``"test"``.
-        frames_per_story: frames per story.
+        name: ``"flintstones"``, ``"pororo"``, ``"synthsv"`` or ``"folder"`` (case-insensitive;
+            "FlintstonesSV" and "PororoSV" are accepted).
+        data_dir: the folder of the downloaded release (FlintstonesSV, PororoSV), or your story folder
+            (``"folder"``: frames, ``metadata.jsonl`` and ``characters/``, see :mod:`storygptv.data.folder`);
+            SynthSV is generated and ignores it.
+        split: ``"train"``, ``"validation"`` (or ``"val"``) or ``"test"``; a story folder without
+            ``splits.json`` has only ``"train"``.
+        frames_per_story: frames per story; ``None``: 4 for the releases and SynthSV, whole stories for a
+            folder (a number keeps the first frames of its longer stories).
         referential: add pronoun-substituted captions (otherwise ``referential_captions`` equals
             ``captions``).
         referential_compat: ``None`` for our fixed rules, ``"make-a-story"`` (or ``"storygptv"``) to
-            reproduce the public code (see :mod:`storygptv.data.referential`).
-        seed: seeds every random choice (which frame of a clip, which caption).
-        frame_index: use this frame of every clip instead of a seeded choice.
+            reproduce the public code (see :mod:`storygptv.data.referential`); releases only.
+        seed: seeds every random choice (which frame of a clip, which caption); a folder has none.
+        frame_index: use this frame of every clip instead of a seeded choice (releases only).
         sam_model: optional ``transformers.SamModel`` that turns box prompts into masks where the
             release has no masks.
         sam_processor: the matching ``transformers.SamProcessor``.
@@ -109,15 +121,39 @@ def load_story_dataset(
 
     Raises:
         ValueError: unknown dataset name or split (the message lists the valid ones), or no ``data_dir``
-            for a release.
+            for a release or a folder.
+        StoryFolderError: (a ``ValueError``) a bad story folder; the message names the file, line and field.
         TypeError: an option the dataset does not take (the message lists the valid ones).
         FileNotFoundError: a release file is missing (the message names it and the expected layout).
     """
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     key = _NAME_ALIASES.get(key, key)
     if key not in DATASET_NAMES:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}.")
+        built_in = [n for n in DATASET_NAMES if n != "folder"]
+        raise ValueError(
+            f"Unknown dataset {name!r}; valid names: {built_in}, or 'folder' for your own stories in `data_dir` "
+            "(frames, metadata.jsonl and characters/)."
+        )
     split = normalize_split(split)
+    if key == "folder":
+        from .folder import load_story_folder
+
+        if referential_compat is not None or frame_index is not None:
+            raise TypeError(
+                "A story folder takes neither `referential_compat` nor `frame_index` (release options)."
+            )
+        return load_story_folder(
+            data_dir,
+            split,
+            frames_per_story=frames_per_story,
+            referential=referential,
+            sam_model=sam_model,
+            sam_processor=sam_processor,
+            streaming=streaming,
+            **kwargs,
+        )
+    if frames_per_story is None:
+        frames_per_story = 4
     if key == "synthsv":
         from .synthsv import load_synthsv
 

@@ -16,7 +16,7 @@ module                  what
 ``diffusion``           latents (and their cache), noise, targets, denoising loss, min-SNR
 ``checkpoints``         save (partial folder, completed, renamed, pruned), inspect, load
 ``resume``              ``latest`` with fallback, settings check, where a resumed run continues
-``references``          cast folders and SynthSV's built-in reference images
+``references``          the cast of a run (cast folders, built-in references) and the exported one
 ``target_encoding``     stage-2 targets of story rows, encoded with the frozen Char-LDM
 ``targets``             the stage-2 targets folder: format, resumable computation, loading
 ``stage2``              stage 2's collator, L_img, checkpoint hooks, validation and checks

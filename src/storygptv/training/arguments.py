@@ -17,7 +17,16 @@ from typing import Any
 
 from .checks import DATASET_CHOICES
 
-__all__ = ["SETTINGS_KEYS", "add_common_args", "run_settings", "training_arg_parser"]
+__all__ = [
+    "DATASET_HELP",
+    "DATA_DIR_HELP",
+    "SETTINGS_KEYS",
+    "TRAIN_DATASET_PATH_HELP",
+    "add_common_args",
+    "frames_per_story_default",
+    "run_settings",
+    "training_arg_parser",
+]
 
 #: Options whose values determine a run's result; resuming with other values is refused
 #: (``--allow_changed_settings`` overrides). Scripts add their own with ``run_settings(args, extra)``.
@@ -35,12 +44,33 @@ SETTINGS_KEYS: tuple[str, ...] = (
 _PATH_SETTINGS = ("data_dir", "train_dataset_path", "pretrained_model_name_or_path")
 
 
+#: Help of the data options, shared with the scripts that build their own parser (precompute_targets.py).
+DATASET_HELP = (
+    "Training data: flintstones or pororo (a downloaded release in --data_dir), synthsv (generated), or folder "
+    "(your own stories in --data_dir: frames, metadata.jsonl and characters/; see docs/finetune.md)."
+)
+DATA_DIR_HELP = "The release folder (flintstones, pororo) or your story folder (folder); synthsv needs none."
+TRAIN_DATASET_PATH_HELP = (
+    "Instead of --dataset: a datasets `save_to_disk` folder (a Dataset, or a DatasetDict whose split is used) "
+    "of stories in the package's story schema (storygptv.data.STORY_COLUMNS, e.g. a saved "
+    "load_story_dataset(...)). Reference images then come from --reference_images_dir."
+)
+
+
+def frames_per_story_default(dataset: str, frames_per_story: int | None) -> int | None:
+    """``--frames_per_story`` of a run: the given value, else 4 (the story length of the releases and SynthSV),
+    or ``None`` (whole stories) for ``--dataset folder``."""
+    if frames_per_story is not None:
+        return frames_per_story
+    return None if dataset == "folder" else 4
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options shared by every training script (diffusers-examples names) to ``parser``.
 
     Scripts change defaults with ``parser.set_defaults(...)`` after this call. Adds:
     ``--pretrained_model_name_or_path``, ``--dataset``, ``--data_dir``, ``--num_stories``,
-    ``--train_dataset_path`` (hidden: a ``datasets.save_to_disk`` folder of stories), ``--output_dir``,
+    ``--train_dataset_path`` (a ``datasets.save_to_disk`` folder of stories), ``--output_dir``,
     ``--train_batch_size``, ``--gradient_accumulation_steps``, ``--learning_rate``, ``--adam_*``,
     ``--lr_scheduler``, ``--lr_warmup_steps``, ``--lr_step_size``, ``--lr_step_gamma``, ``--max_train_steps``,
     ``--mixed_precision``,
@@ -58,15 +88,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="Hub id or local folder of the model to start from.",
     )
-    g.add_argument("--dataset", type=str, default="synthsv", choices=DATASET_CHOICES, help="Training data.")
-    g.add_argument(
-        "--data_dir",
-        type=str,
-        default=None,
-        help="Folder of the downloaded release (FlintstonesSV / PororoSV); SynthSV is generated.",
-    )
+    g.add_argument("--dataset", type=str, default="synthsv", choices=DATASET_CHOICES, help=DATASET_HELP)
+    g.add_argument("--data_dir", type=str, default=None, help=DATA_DIR_HELP)
     g.add_argument("--num_stories", type=int, default=None, help="Use only the first N stories of the split.")
-    g.add_argument("--train_dataset_path", type=str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--train_dataset_path", type=str, default=None, help=TRAIN_DATASET_PATH_HELP)
     g.add_argument("--output_dir", type=str, default="outputs/run", help="Checkpoints, logs, final model.")
     g.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)

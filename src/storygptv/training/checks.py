@@ -14,8 +14,8 @@ from typing import Any
 
 __all__ = ["DATASET_CHOICES", "TrainingSetupError", "check_dataset", "check_pipeline_folder"]
 
-#: Values of ``--dataset``.
-DATASET_CHOICES: tuple[str, ...] = ("flintstones", "pororo", "synthsv")
+#: Values of ``--dataset``: the releases, SynthSV and your own story folder (:mod:`storygptv.data.folder`).
+DATASET_CHOICES: tuple[str, ...] = ("flintstones", "pororo", "synthsv", "folder")
 
 
 class TrainingSetupError(ValueError):
@@ -25,13 +25,16 @@ class TrainingSetupError(ValueError):
 def check_dataset(dataset: str, data_dir: str | None = None, train_dataset_path: str | None = None) -> None:
     """Fail fast (``TrainingSetupError``) on an unknown dataset or a data folder in the wrong layout.
 
-    Only file names are checked (cheap). ``train_dataset_path`` (a ``datasets`` ``save_to_disk`` folder)
-    bypasses the release checks; SynthSV needs no folder (it is generated).
+    Only file names are checked for a release (cheap). A story folder (``--dataset folder``) is checked
+    whole, without decoding its images: every line of its ``metadata.jsonl``, its frame and mask files and
+    its cast (:func:`storygptv.data.folder.read_story_folder`). ``train_dataset_path`` (a ``datasets``
+    ``save_to_disk`` folder) bypasses these checks; SynthSV needs no folder (it is generated).
 
     Args:
         dataset: ``--dataset``, one of :data:`DATASET_CHOICES`.
-        data_dir: ``--data_dir``, the folder of the downloaded release (FlintstonesSV / PororoSV).
-        train_dataset_path: the hidden ``--train_dataset_path``.
+        data_dir: ``--data_dir``, the folder of the downloaded release (FlintstonesSV / PororoSV) or the
+            story folder.
+        train_dataset_path: ``--train_dataset_path``.
     """
     if train_dataset_path:
         root = Path(train_dataset_path)
@@ -47,12 +50,23 @@ def check_dataset(dataset: str, data_dir: str | None = None, train_dataset_path:
     if name == "synthsv":
         return
     if not data_dir:
-        raise TrainingSetupError(
-            f"--dataset {name} needs --data_dir: the folder of its downloaded release (nothing is downloaded)."
+        what = (
+            "your story folder (metadata.jsonl, frames and characters/; see docs/finetune.md)"
+            if name == "folder"
+            else "the folder of its downloaded release (nothing is downloaded)"
         )
+        raise TrainingSetupError(f"--dataset {name} needs --data_dir: {what}.")
     root = Path(data_dir)
     if not root.is_dir():
         raise TrainingSetupError(f"--data_dir {str(root)!r} does not exist.")
+    if name == "folder":
+        from ..data.folder import StoryFolderError, read_story_folder
+
+        try:
+            read_story_folder(root)
+        except StoryFolderError as error:
+            raise TrainingSetupError(f"--data_dir: {error}") from error
+        return
     if name == "flintstones":
         from ..data.flintstones import detect_layout
 

@@ -191,12 +191,12 @@ def load_train_stories(
     """The training stories (one row per story).
 
     Args:
-        dataset: ``--dataset`` (``flintstones``, ``pororo`` or ``synthsv``).
-        data_dir: ``--data_dir``, the release folder of FlintstonesSV / PororoSV.
+        dataset: ``--dataset`` (``flintstones``, ``pororo``, ``synthsv`` or ``folder``).
+        data_dir: ``--data_dir``, the release folder of FlintstonesSV / PororoSV, or the story folder.
         split: ``"train"``, ``"validation"`` or ``"test"``.
         seed: ``--seed`` (SynthSV generates its stories from it).
         num_stories: ``--num_stories``: only the first N stories.
-        train_dataset_path: the hidden ``--train_dataset_path``, a ``datasets`` ``save_to_disk`` folder used
+        train_dataset_path: ``--train_dataset_path``, a ``datasets`` ``save_to_disk`` folder used
             instead of ``dataset`` (its ``split`` when it is a ``DatasetDict``).
         kwargs: passed to :func:`storygptv.data.load_story_dataset` (``frames_per_story``, ``referential``...).
     """

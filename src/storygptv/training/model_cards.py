@@ -26,7 +26,7 @@ from typing import Any
 
 from .checks import TrainingSetupError
 
-__all__ = ["card_dataset_name", "markdown_table", "write_model_card"]
+__all__ = ["DATASET_TITLES", "card_dataset_name", "markdown_table", "write_model_card"]
 
 #: ``(library_name, pipeline_tag)`` of each template's folder.
 CARD_KINDS: dict[str, tuple[str, str | None]] = {
@@ -66,10 +66,28 @@ def markdown_table(rows: Mapping[str, Any] | None, header: str, empty: str, code
     return f"| {header} | value |\n|---|---|\n{body}"
 
 
-def card_dataset_name(dataset: str, train_dataset_path: str | None = None) -> str:
-    """The training data as model cards name it: ``dataset`` (``--dataset``), marked as a custom copy when
-    ``train_dataset_path`` (``--train_dataset_path``) gave the stories."""
-    return f"{dataset} (custom copy)" if train_dataset_path else dataset
+#: How model cards name the built-in datasets (``--dataset``).
+DATASET_TITLES: dict[str, str] = {"flintstones": "FlintstonesSV", "pororo": "PororoSV", "synthsv": "SynthSV"}
+
+
+def card_dataset_name(
+    dataset: str | None, train_dataset_path: str | None = None, data_dir: str | None = None
+) -> str:
+    """The training data as model cards name it: the stories of ``train_dataset_path`` (a ``save_to_disk``
+    folder, which replaces ``--dataset``) or of the story folder ``data_dir`` (``--dataset folder``) by the
+    folder's name, else the dataset's title ("FlintstonesSV", "SynthSV").
+
+    Example:
+        >>> card_dataset_name("synthsv"), card_dataset_name("folder", data_dir="data/my_stories/")
+        ('SynthSV', 'my_stories (story folder)')
+        >>> card_dataset_name("synthsv", train_dataset_path="/data/stories_v2")
+        'stories_v2 (datasets save_to_disk folder)'
+    """
+    if train_dataset_path:
+        return f"{Path(train_dataset_path).name} (datasets save_to_disk folder)"
+    if dataset == "folder" and data_dir:
+        return f"{Path(data_dir).name} (story folder)"
+    return DATASET_TITLES.get(str(dataset), str(dataset or "(unspecified)"))
 
 
 def write_model_card(

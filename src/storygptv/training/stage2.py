@@ -279,8 +279,12 @@ def check_stage2_targets(
 
 def story_model_source(path: str) -> tuple[str, dict[str, Any]]:
     """``(model path, kwargs)`` of a story model given a pipeline folder (``story_model/`` subfolder; the
-    kwargs then hold ``subfolder`` and ``tokenizer_subfolder``) or a story-model folder / Hub id."""
+    kwargs then hold ``subfolder`` and ``tokenizer_subfolder``), the ``story_model/`` subfolder of one (read
+    as its pipeline folder: the tokenizer is beside it, in ``story_tokenizer/``) or a story-model folder /
+    Hub id."""
     root = Path(path)
+    if root.name == "story_model" and (root.parent / "model_index.json").exists():
+        return story_model_source(str(root.parent))
     if root.is_dir():
         if (root / "model_index.json").exists():
             if not (root / "story_model").is_dir():

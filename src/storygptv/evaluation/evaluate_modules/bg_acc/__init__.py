@@ -1,0 +1,1 @@
+"""The ``bg_acc`` evaluate module (its script is ``bg_acc.py``)."""

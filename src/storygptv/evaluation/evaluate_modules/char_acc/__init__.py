@@ -1,0 +1,1 @@
+"""The ``char_acc`` evaluate module (its script is ``char_acc.py``)."""

@@ -1,0 +1,1 @@
+"""The ``grounding`` evaluate module (its script is ``grounding.py``)."""
