@@ -135,15 +135,46 @@ def __dir__() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Registrations with transformers and diffusers, when (or as soon as) they are imported
 # --------------------------------------------------------------------------------------------------
+def _importing_ours() -> bool:
+    """Whether one of our modules is being imported right now (then it brought the library in itself)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith(f"{__name__}.")
+    )
+
+
 def _register_with_transformers() -> None:
-    importlib.import_module(".models", __name__)  # its modules register the Auto classes on import
+    # `models` registers the Auto classes when it is imported; if one of our modules is importing now, it is
+    # `models` (or it imports it) and the registration follows by itself.
+    if not _importing_ours():
+        importlib.import_module(".models", __name__)
+
+
+_DIFFUSERS_NAMES = ("CharLDMPipeline", "StoryGPTVPipeline")
 
 
 def _register_with_diffusers() -> None:
-    # Our pipelines register themselves with diffusers when their package is imported (see
-    # ``pipelines/__init__.py``); when that import is what brought diffusers in, it is under way already.
-    if f"{__name__}.pipelines" not in sys.modules:
-        importlib.import_module(".pipelines", __name__)
+    """Let the ``diffusers`` module resolve our pipeline names, importing them on first use.
+
+    diffusers looks the ``_class_name`` of a ``model_index.json`` up as an attribute of its top-level module. That
+    module gets a subclass whose ``__getattr__`` also knows our pipelines, so nothing of ours is imported now
+    (diffusers may be coming in through one of our own modules); ``pipelines`` also sets them when imported.
+    """
+    module = sys.modules["diffusers"]
+    base = type(module)
+    if getattr(base, "_storygptv", False):
+        return
+
+    class DiffusersWithStoryGPTV(base):
+        _storygptv = True
+
+        def __getattr__(self, name: str) -> Any:
+            if name in _DIFFUSERS_NAMES:
+                return getattr(importlib.import_module(".pipelines", __name__), name)
+            return super().__getattr__(name)
+
+    module.__class__ = DiffusersWithStoryGPTV
 
 
 _AFTER_IMPORT: dict[str, Callable[[], None]] = {
