@@ -37,6 +37,7 @@ _LAZY: dict[str, str] = {
     "CharacterMention": "characters",
     "find_character_mentions": "characters",
     "find_character_tokens": "characters",
+    "load_cast": "characters",
     "load_story_dataset": "data",
     "ground_caption": "grounding",
     "ModelLoadingError": "loading",
@@ -82,6 +83,7 @@ __all__ = [
     "find_character_tokens",
     "ground_caption",
     "install_character_attention_processors",
+    "load_cast",
     "load_story_dataset",
     "make_storyboard",
     "uninstall_character_attention_processors",
@@ -95,7 +97,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         install_character_attention_processors,
         uninstall_character_attention_processors,
     )
-    from .characters import CharacterMention, find_character_mentions, find_character_tokens
+    from .characters import CharacterMention, find_character_mentions, find_character_tokens, load_cast
     from .data import load_story_dataset
     from .grounding import ground_caption
     from .loading import ModelLoadingError

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
+
 from .reference_images import MAX_REFERENCE_PIXELS, load_character_image, normalize_characters
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "cast_file_stem",
     "find_character_mentions",
     "find_character_tokens",
+    "load_cast",
     "load_character_image",
     "locate_character_tokens",
     "normalize_characters",
@@ -300,3 +303,33 @@ def read_cast_folder(folder: str | Path) -> dict[str, Path]:
             "after its character, e.g. Fred.png or Mr_Slate.png."
         )
     return cast
+
+
+def load_cast(pretrained_model_name_or_path: str | Path, **hub_kwargs: Any) -> dict[str, PIL.Image.Image]:
+    """``{name: RGB image}`` of the reference images a pipeline ships in its ``characters/`` folder.
+
+    ``pretrained_model_name_or_path`` is a pipeline folder or a Hub repo id (only ``characters/*`` is
+    downloaded; ``hub_kwargs`` such as ``revision``, ``token``, ``cache_dir`` or ``local_files_only`` go to
+    ``huggingface_hub.snapshot_download``, which also serves a repo from the local cache when offline).
+
+    Example:
+        >>> import storygptv
+        >>> sorted(load_cast(storygptv.DEFAULT_MODEL))[:3]
+        ['Ava', 'Bo', 'Cleo']
+    """
+    folder = Path(pretrained_model_name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(
+            snapshot_download(
+                str(pretrained_model_name_or_path), allow_patterns=["characters/*"], **hub_kwargs
+            )
+        )
+    cast = folder / "characters"
+    if not cast.is_dir():
+        raise FileNotFoundError(
+            f"{str(pretrained_model_name_or_path)!r} ships no characters/ folder of reference images; pass your own "
+            "`characters={name: image}`."
+        )
+    return {name: load_character_image(path, name) for name, path in read_cast_folder(cast).items()}

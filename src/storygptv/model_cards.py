@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATASET_TITLES", "card_dataset_name", "markdown_table", "write_model_card"]
+__all__ = ["DATASET_TITLES", "card_dataset_name", "example_captions", "markdown_table", "write_model_card"]
 
 #: ``(library_name, pipeline_tag)`` of each template's folder.
 CARD_KINDS: dict[str, tuple[str, str | None]] = {
@@ -88,6 +88,18 @@ def card_dataset_name(
     return DATASET_TITLES.get(str(dataset), str(dataset or "(unspecified)"))
 
 
+def example_captions(names: Sequence[str]) -> list[str]:
+    """A short story for a card's usage snippet, naming the first characters of a cast.
+
+    >>> example_captions(["Ava", "Bo", "Cleo"])
+    ['Ava and Bo are standing.', 'They are talking.', 'Ava is waving.']
+    """
+    names = list(names)
+    if len(names) >= 2:
+        return [f"{names[0]} and {names[1]} are standing.", "They are talking.", f"{names[0]} is waving."]
+    return [f"{names[0]} is standing.", f"{names[0]} is waving."] if names else []
+
+
 def write_model_card(
     folder: str | os.PathLike,
     template_name: str,
@@ -131,6 +143,16 @@ def write_model_card(
         inference=False,
     )
     model_name = repo_id or fields.pop("model_name", None) or folder.name
+    if (folder / "characters").is_dir() and "example_captions" not in fields:
+        from .characters import read_cast_folder
+
+        try:
+            captions = example_captions(list(read_cast_folder(folder / "characters")))
+        except ValueError:  # an empty cast folder
+            captions = []
+        if captions:
+            fields["example_captions"] = repr(captions).replace("'", '"')
+            fields.setdefault("example_caption", repr(captions[0]).replace("'", '"'))
     card = ModelCard.from_template(
         data,
         template_str=text,

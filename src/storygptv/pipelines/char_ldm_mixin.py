@@ -70,6 +70,63 @@ class CharLDMMixin:
             realign_cpu_tensors(component)
         return pipe
 
+    # ------------------------------------------------------------------ sharing
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        characters: Mapping[str, Any] | None = None,
+        base_model: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        **card_fields: Any,
+    ) -> str:
+        """Upload the pipeline to the Hub with its cast and a model card; returns the commit URL.
+
+        Like ``DiffusionPipeline.push_to_hub``, plus what a story pipeline needs on the Hub: the reference images
+        of its cast in ``characters/`` (``characters``, or the ``characters/`` folder of the folder it was loaded
+        from) and a model card with the Hub metadata (``library_name: diffusers``, ``pipeline_tag:
+        text-to-image``, ``base_model``, ``datasets``, tags, licence) and a usage snippet that loads it with
+        ``DiffusionPipeline.from_pretrained`` and draws a story with its cast.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from ..characters import cast_file_stem, load_character_image, read_cast_folder
+        from ..hub import push_folder_to_hub
+        from ..model_cards import write_model_card
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
+            source = Path(str(getattr(self.config, "_name_or_path", "") or ""))
+            if characters is None and (source / "characters").is_dir():
+                characters = dict(read_cast_folder(source / "characters"))
+            if characters:
+                (Path(tmp) / "characters").mkdir()
+                for name, image in characters.items():
+                    load_character_image(image, name).save(
+                        Path(tmp) / "characters" / f"{cast_file_stem(name)}.png"
+                    )
+            template = "storygptv" if "story_model" in self.components else "char_ldm"
+            write_model_card(
+                tmp, template, repo_id=repo_id, base_model=base_model, dataset=dataset, **card_fields
+            )
+            if create_pr:
+                raise NotImplementedError(
+                    "`create_pr=True` is not supported; push to a branch of your own repo."
+                )
+            return push_folder_to_hub(
+                tmp,
+                repo_id,
+                token=token,
+                private=private,
+                commit_message=commit_message or "Upload storygptv pipeline",
+            )
+
     # ------------------------------------------------------------------ per-call properties
     @property
     def guidance_scale(self) -> float:
