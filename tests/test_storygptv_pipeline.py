@@ -162,14 +162,13 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, pipe):
         return "https://example.invalid/commit"
 
     with (
-        mock.patch(
-            "diffusers.utils.hub_utils.create_repo", return_value=mock.MagicMock(repo_id="me/tiny-story")
-        ),
-        mock.patch("diffusers.utils.hub_utils.upload_folder", side_effect=fake_upload_folder),
+        mock.patch("huggingface_hub.create_repo", return_value=mock.MagicMock(repo_id="me/tiny-story")),
+        mock.patch("huggingface_hub.upload_folder", side_effect=fake_upload_folder),
     ):
         pipe.push_to_hub("me/tiny-story", token="dummy")
     assert uploaded["repo_id"] == "me/tiny-story"
     assert {
+        "README.md",
         "model_index.json",
         "story_model/model.safetensors",
         "unet/diffusion_pytorch_model.safetensors",

@@ -118,7 +118,7 @@ def test_tiny_run_exports_a_loadable_pipeline(script, tiny_folder, tmp_path):
     assert image.shape == (1, 32, 32, 3)
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card
-    assert "from storygptv import CharLDMPipeline" in card
+    assert "DiffusionPipeline.from_pretrained(" in card and "storygptv.load_cast(" in card
     assert "| `reg_weight` | 0.1 |" in card
     assert "exported weights are an EMA" in card
     assert str(tiny_folder) in card  # named in the text, but not as Hub `base_model` metadata

@@ -174,13 +174,13 @@ def test_write_model_card(tmp_path):
     assert data["inference"] is False
     assert data["tags"][:3] == ["storygptv", "story-visualization", "diffusers"]
     assert data["base_model"] == ["stable-diffusion-v1-5/stable-diffusion-v1-5"]  # local paths stay out
-    assert "from storygptv import CharLDMPipeline" in text
-    assert 'CharLDMPipeline.from_pretrained("me/char-ldm-synthsv")' in text
+    assert "import storygptv" in text and 'DiffusionPipeline.from_pretrained("me/char-ldm-synthsv")' in text
+    assert 'storygptv.load_cast("me/char-ldm-synthsv")' in text
     assert "| `learning_rate` | 1e-05 |" in text
     assert "down_blocks.1 up_blocks.1" in text
     assert "| final loss | 0.123457 |" in text
     story = write_model_card(tmp_path / "s", "storygptv", base_model="meta-llama/Llama-2-7b-hf")
-    assert "from storygptv import StoryGPTVPipeline" in str(story)
+    assert "a storygptv.StoryGPTVPipeline" in str(story)
     with pytest.raises(TrainingSetupError, match="available"):
         write_model_card(tmp_path / "x", "nope")
 
