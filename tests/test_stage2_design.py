@@ -17,7 +17,7 @@ from storygptv.models.processing_storygptv import StoryGPTVProcessor
 from storygptv.models.story_context import StoryContext, reference_conditioning
 from storygptv.models.story_inputs import encode_caption
 from storygptv.testing import tiny_storygptv_components
-from storygptv.testing.story_model import tiny_story_model
+from storygptv.testing.story_model import tiny_story_frames, tiny_story_model
 
 CAST = ["Ava", "Bo", "Cleo"]
 SETTINGS = ["forest", "lake"]
@@ -270,8 +270,66 @@ def test_bad_grounding_is_refused_before_denoising(cast):
     pipe.set_progress_bar_config(disable=True)
     calls = []
     pipe.unet.register_forward_hook(lambda *a: calls.append(1))
-    with pytest.raises(ValueError, match="grounding head"):
+    with pytest.raises(ValueError, match="grounds frames"):
         pipe(["Ava stands.", "She jumps."], characters=cast, grounding="fuse", num_inference_steps=1)
     with pytest.raises(ValueError, match="`grounding` must be one of"):
         pipe(["Ava stands.", "She jumps."], characters=cast, grounding="yes", num_inference_steps=1)
     assert not calls
+
+
+# ------------------------------------------------------------------------------------------- restating
+def test_restated_sequences_label_the_restatement_and_keep_a_restated_history():
+    model, tok = tiny_story_model(grounding="restate", grounding_characters=CAST, grounding_settings=SETTINGS)
+    processor = StoryGPTVProcessor(tok)
+    rows = story_rows(model, anchored=False)
+    batch = StoryGPTVCollator(tok, model.config, target_frame=1)(rows[:1])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    # History: frame 0 restated ("... in the forest." already named); target: "They jump." then its restatement.
+    restated = processor.encode_caption("Ava and Bo jump in the forest.")
+    expected = processor.build_sequence(
+        ["Ava and Bo stand in the forest."], "They jump.", target_restated="Ava and Bo jump in the forest."
+    )
+    assert ids[: len(expected.input_ids)] == expected.input_ids
+    marker = list(processor.tokens.restate_prefix_ids)
+    start = max(i for i in range(len(ids)) if ids[i : i + len(marker)] == marker) + len(marker)
+    assert (
+        ids[start : start + len(restated)] == restated and labels[start : start + len(restated)] == restated
+    )
+    assert "character_labels" not in batch  # a restating model has no head to train
+
+
+def test_restating_context_equals_the_full_forward_and_generation_stops():
+    model, tok = tiny_story_model(grounding="restate", max_restate_tokens=5)
+    processor = StoryGPTVProcessor(tok)
+    caps, embeds = tiny_story_frames(tok, 3)
+    context = StoryContext(model, processor)
+    for t in range(2):
+        context.append_frame(embeds[t], caps[t])
+    restated = processor.encode_caption("Fred is in the yard.")
+    reading = context.read_next_frame(caps[2], restated=restated)
+    cached = model.map_img_tokens(reading.img_hidden_states, reading.img_input_embeds)
+    full = reference_conditioning(model, caps[:2], embeds[:2], caps[2], target_restated_ids=restated)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    length = context.cache_length
+    generated = context.read_next_frame(caps[2])  # a random tiny model: stops at max_restate_tokens
+    assert 1 <= len(generated.restated_ids[0]) <= 5 and isinstance(generated.restated_captions[0], str)
+    assert context.cache_length == length  # nothing of the reading stays in the context
+    with pytest.raises(ValueError, match="processor"):
+        StoryContext(model).read_next_frame(caps[2])
+
+
+def test_pipeline_grounds_with_the_restatement_and_keeps_it_in_the_context(cast, monkeypatch):
+    pipe = StoryGPTVPipeline(
+        **tiny_storygptv_components(
+            grounding="restate", grounding_characters=CAST, grounding_settings=SETTINGS
+        )
+    )
+    pipe.set_progress_bar_config(disable=True)
+    processor = pipe.story_processor
+    said = iter(["Ava and Bo stand in the forest.", "Cleo waves in the lake."])
+    monkeypatch.setattr(StoryContext, "_restate", lambda self, logits: processor.encode_caption(next(said)))
+    out = pipe(["Ava and Bo stand in the forest.", "She waves."], characters=cast, num_inference_steps=1)
+    assert out.captions == ["Ava and Bo stand in the forest.", "Cleo waves in the lake."]
+    assert out.characters == [["Ava", "Bo"], ["Cleo"]] and out.settings == ["forest", "lake"]
+    committed = [frame.caption_ids[0] for frame in out.story_context.frames]
+    assert committed == [processor.encode_caption(c) for c in out.captions]  # the restated history

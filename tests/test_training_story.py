@@ -248,6 +248,32 @@ def test_precompute_records_anchors_roles_and_label_sets(precompute, targets_dir
 
 
 # -------------------------------------------------------------------------------------- train_storygptv
+def test_stage2_restating_model_trains_validates_and_draws(stage2, char_ldm_dir, lm_dir, targets_dir, work):
+    from storygptv.data.synthsv import reference_images
+    from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline
+
+    out = work / "stage2_restate"
+    stage2.main(
+        stage2_argv(
+            char_ldm_dir, lm_dir, targets_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2,
+            "--grounding", "restate", "--img_loss_weight", 0, "--validation_targets_dir", targets_dir,
+        )
+    )  # fmt: skip
+    best = json.loads((out / stage2.BEST_DIR / "best.json").read_text())
+    assert {"restate_loss", "restate_exact"} <= set(best) and best["restate_loss"] > 0
+    pipe = StoryGPTVPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = pipe.story_model.config
+    assert cfg.grounding == "restate" and cfg.restate_prefix_ids and pipe.story_model.grounding_head is None
+    refs = reference_images()
+    story = pipe(["Ava is standing in the forest.", "She is jumping."], characters={"Ava": refs["Ava"]},
+                 num_inference_steps=1)  # fmt: skip
+    assert len(story.images) == 2 and len(story.story_context.frames) == 2
+    with pytest.raises(SystemExit):  # a restatement is learned through L_gen
+        stage2.parse_args(stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, "--grounding", "restate",
+                                      "--gen_loss_weight", 0))  # fmt: skip
+
+
 def test_stage2_design_options_train_and_ground(stage2, precompute, char_ldm_dir, lm_dir, targets_dir, work):
     from storygptv.data.synthsv import reference_images
     from storygptv.pipelines.pipeline_storygptv import StoryGPTVPipeline

@@ -15,14 +15,15 @@ frozen; ``--lora_rank`` adds LoRA adapters). The loss is
 - L_img: denoising loss of the ground-truth target frame through the **frozen** Char-LDM UNet conditioned on the
   mapped conditioning (gradients reach the mapper through the UNet). The frame enters the VAE scaled to
   [-1, 1]; ``--vae_input_compat`` reproduces the public code, which feeds raw 0-255 values;
-- with ``--grounding``, plus ``grounding_loss_weight * L_ground``: the grounding head's BCE over the target
-  frame's cast (and CE over its setting) from the ``[IMG]`` states.
+- with ``--grounding head``, plus ``grounding_loss_weight * L_ground``: the grounding head's BCE over the target
+  frame's cast (and CE over its setting) from the ``[IMG]`` states; with ``--grounding restate`` the LLM's
+  restatement of the target caption (names and setting filled in) is part of L_gen.
 
 Stage-2 design options (each a ``StoryGPTVConfig`` field, so they can be measured alone):
 ``--mapper_queries caption`` anchors the mapper on the frame's own caption encoding (``--restored_anchor_prob``
 sometimes anchors it on the target instead, as the pipeline's ``grounding="fuse"`` does at inference);
 ``--align_character_weight`` / ``--align_setting_weight`` weigh the target rows of the fused character tokens
-and of the setting word in L_align; ``--grounding`` adds the grounding head, whose label sets are the
+and of the setting word in L_align; ``--grounding head|restate`` makes the model ground frames, with the
 characters and settings that ``precompute_targets.py`` recorded.
 
 Presets (``--loss_preset``, the table ``STAGE2_LOSS_PRESETS`` of ``storygptv.models.configuration_storygptv``;
@@ -229,9 +230,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--grounding",
-        action="store_true",
-        help="Add the grounding head (cast and setting of the frame from the [IMG] states), trained on the "
-        "targets' character / setting labels.",
+        nargs="?",
+        const="head",
+        default="none",
+        choices=("none", "head", "restate"),
+        help="How the story model grounds frames: 'head' (also plain --grounding): a multi-label head on the "
+        "[IMG] states, trained on the targets' character / setting labels; 'restate': the LLM restates each "
+        "caption with its characters and setting filled in before its [IMG] tokens (L_gen on the original "
+        "captions) and reads a restated history; 'none' (default, the paper).",
     )
     g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM fully frozen).")
     g.add_argument("--lora_alpha", type=float, default=16.0)
@@ -290,10 +296,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             weights[key] = float(value)
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         parser.error(f"Loss weights must be >= 0 with at least one > 0, got {weights}.")
-    if args.grounding:
+    if args.grounding == "head":
         if args.grounding_loss_weight < 0:
             parser.error("--grounding_loss_weight must be >= 0.")
         weights["grounding"] = float(args.grounding_loss_weight)
+    if args.grounding == "restate" and weights["gen"] <= 0:
+        parser.error(
+            "--grounding restate learns its restatements through L_gen: --gen_loss_weight must be > 0."
+        )
     args.loss_weights = weights
     if not 0.0 <= args.restored_anchor_prob <= 1.0:
         parser.error("--restored_anchor_prob must be in [0, 1].")
@@ -354,10 +364,10 @@ def build_story_model(
                 f"The story model expects vision {cfg.vision_embed_dim} / conditioning {cfg.ldm_seq_len}x"
                 f"{cfg.ldm_hidden_size}, but the Char-LDM gives {vision_dim} / {ldm_seq_len}x{ldm_hidden}."
             )
-        if grounding_labels is not None and not cfg.has_grounding_head:
+        if args.grounding != "none" and cfg.grounding != args.grounding:
             raise TrainingSetupError(
-                f"--grounding was given, but the story model of {args.story_model_name_or_path!r} has no grounding "
-                "head; start from --language_model_name_or_path to add one."
+                f"--grounding {args.grounding} was given, but the story model of {args.story_model_name_or_path!r} "
+                f"grounds with {cfg.grounding!r}; start from --language_model_name_or_path to change it."
             )
         if cfg.mapper_queries != args.mapper_queries:
             raise TrainingSetupError(
@@ -394,6 +404,7 @@ def build_story_model(
             **args.story_config_overrides,
         }
         if grounding_labels is not None:
+            overrides["grounding"] = args.grounding
             overrides["grounding_characters"] = grounding_labels[0] or None
             overrides["grounding_settings"] = grounding_labels[1] or None
         torch.manual_seed(derive_seed(args.seed, "init"))
@@ -522,7 +533,7 @@ def main(argv: list[str] | None = None) -> Path:
         data.column_names,
         char_ldm_sizes=(vision_dim, ldm_seq_len, ldm_hidden),
         img_loss=use_img,
-        grounding=args.grounding,
+        grounding=args.grounding != "none",
         caption_anchored=args.mapper_queries == "caption",
     )
     if not use_img and "images" in data.column_names:

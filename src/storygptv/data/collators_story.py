@@ -16,7 +16,7 @@ key                        content
 ``target_token_roles``     optional: n role vectors (``ldm_seq_len``; 0 other, 1 character, 2 setting)
                            for the identity-weighted L_align
 ``characters``             (grounding head only) per frame, the names of its characters
-``background``             (grounding head with settings) per frame, its setting ("" when unknown)
+``background``             (grounding head with settings, restating model) per frame, its setting ("" when unknown)
 =========================  ==========================================================================
 
 For each row a target frame t is chosen (``target_frame="random"``: uniform over 1..n-1, frame 0 is never a
@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..grounding import with_setting
 from ..models.processing_storygptv import StoryGPTVProcessor
 from ..models.story_inputs import IGNORE_INDEX
 from ._common import multi_hot
@@ -65,6 +66,15 @@ def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, Sequence) and value and isinstance(value[0], torch.Tensor):
         return torch.stack([v.detach().float() for v in value])
     return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
+def restated_captions(captions: Sequence[str], backgrounds: Sequence[str] | None) -> list[str]:
+    """What a restating model writes for each frame: the original caption, with its setting stated when the
+    caption leaves it implicit and the dataset labels it (the stage-2 target caption)."""
+    backgrounds = list(backgrounds or [])
+    if len(backgrounds) != len(captions):
+        return list(captions)
+    return [with_setting(c, str(b)) if b else c for c, b in zip(captions, backgrounds)]
 
 
 class StoryGPTVCollator:
@@ -112,8 +122,14 @@ class StoryGPTVCollator:
             raise ValueError(f"`restored_anchor_prob` must be in [0, 1], got {restored_anchor_prob}.")
         self.restored_anchor_prob = restored_anchor_prob
         self.anchored = getattr(config, "mapper_queries", "learned") == "caption"
-        self.character_index = {n.lower(): i for i, n in enumerate(config.grounding_characters or [])}
-        self.setting_index = {n.lower(): i for i, n in enumerate(config.grounding_settings or [])}
+        head = bool(getattr(config, "has_grounding_head", False))
+        self.character_index = (
+            {n.lower(): i for i, n in enumerate(config.grounding_characters or [])} if head else {}
+        )
+        self.setting_index = (
+            {n.lower(): i for i, n in enumerate(config.grounding_settings or [])} if head else {}
+        )
+        self.restates = bool(getattr(config, "restates_captions", False))
         self.processor = StoryGPTVProcessor.from_story_model_config(tokenizer, config)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
@@ -184,9 +200,19 @@ class StoryGPTVCollator:
                     "target conditionings."
                 )
             t = self.choose_target(n)
-            seq = self.processor.build_sequence(
-                ref[:t], ref[t], max_length=self.max_length, label_scope=self.label_scope
-            )
+            if self.restates:  # history restated, the target caption as told and then restated
+                restated = restated_captions(captions, row.get("background"))
+                seq = self.processor.build_sequence(
+                    restated[:t],
+                    ref[t],
+                    target_restated=restated[t],
+                    max_length=self.max_length,
+                    label_scope=self.label_scope,
+                )
+            else:
+                seq = self.processor.build_sequence(
+                    ref[:t], ref[t], max_length=self.max_length, label_scope=self.label_scope
+                )
             input_ids.append(seq.input_ids)
             labels.append(seq.labels)
             images.extend(embeds[j] for j in seq.context_frames)

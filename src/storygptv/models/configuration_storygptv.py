@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 __all__ = [
     "DEFAULT_TRAINING_LOSS_PRESET",
+    "GROUNDING_KINDS",
     "LOSS_WEIGHT_KEYS",
     "LOSS_WEIGHT_PRESETS",
     "MAPPER_QUERY_MODES",
@@ -43,6 +44,8 @@ LOSS_WEIGHT_PRESETS: dict[str, dict[str, float]] = {
     for name, row in STAGE2_LOSS_PRESETS.items()
 }
 LOSS_WEIGHT_KEYS: tuple[str, ...] = ("gen", "align", "grounding")
+#: Values of ``grounding``: none (the paper), a multi-label head, or restated captions.
+GROUNDING_KINDS: tuple[str, ...] = ("none", "head", "restate")
 #: Values of ``mapper_queries``: the paper's learned queries, or the frame's own caption encoding.
 MAPPER_QUERY_MODES: tuple[str, ...] = ("learned", "caption")
 
@@ -80,11 +83,20 @@ class StoryGPTVConfig(PreTrainedConfig):
             a character by ``align_character_weight``, the token of the setting word by
             ``align_setting_weight``, every other row by 1 (a weighted mean over the rows). 1.0 / 1.0 is the
             paper's plain mean.
-        grounding_characters: the cast the grounding head knows (e.g. SynthSV's eight names). When set (or
-            ``grounding_settings`` is), the model predicts from the ``[IMG]`` hidden states which of these
-            characters the frame shows (multi-label, trained with the datasets' character labels); the
-            pipeline reads it to resolve pronouns (``grounding="fuse"``).
-        grounding_settings: the settings the grounding head predicts (single label), or None.
+        grounding: how the model says which characters (and setting) a frame shows, which the pipeline's
+            ``grounding="fuse"`` writes into the caption. ``"none"``: it does not (the paper). ``"head"``: a
+            multi-label head on the ``[IMG]`` hidden states, trained with the datasets' character labels.
+            ``"restate"``: the LLM restates each caption with the characters and setting it leaves open
+            filled in (``" Means: Ava and Bo are jumping in the forest."``, trained with L_gen against the
+            original captions) between the caption and its ``[IMG]`` tokens, and its history holds the
+            restated captions; the names and setting are read off the restatement. Default: ``"head"`` when
+            ``grounding_characters`` is set, else ``"none"``.
+        grounding_characters: the cast the model grounds (e.g. SynthSV's eight names): the head's labels, or
+            the names read off a restatement.
+        grounding_settings: the settings it grounds (the head's single label, or read off a restatement), or
+            None.
+        restate_prefix_ids: token ids of the ``" Means:"`` marker of a restating model.
+        max_restate_tokens: most tokens of one restatement at inference (generation stops at a full stop).
         loss_weights: ``{"gen": w, "align": w, "grounding": w}`` or the name of a preset in
             :data:`LOSS_WEIGHT_PRESETS` (``"paper"`` = 1.0 / 1.0, the default; ``"reference_v1"`` = 0.5 / 1.0;
             ``"reference_v2"`` = 0.5 / 0.0). ``"grounding"`` defaults to 1.0 and needs a grounding head.
@@ -137,8 +149,11 @@ class StoryGPTVConfig(PreTrainedConfig):
     align_loss: Literal["mse", "l2"] = "mse"
     align_character_weight: float = 1.0
     align_setting_weight: float = 1.0
+    grounding: Literal["none", "head", "restate"] | None = None
     grounding_characters: list[str] | None = None
     grounding_settings: list[str] | None = None
+    restate_prefix_ids: list[int] | None = None
+    max_restate_tokens: int = 40
     loss_weights: dict[str, float] | str | None = None
     label_scope: Literal["all", "target"] = "all"
     freeze_language_model: bool = True
@@ -202,6 +217,18 @@ class StoryGPTVConfig(PreTrainedConfig):
             raise ValueError(f"`lora_rank` must be >= 0, got {self.lora_rank}.")
 
     def _check_grounding(self) -> None:
+        names_given = bool(self.grounding_characters) or bool(self.grounding_settings)
+        if self.grounding is None:  # configs from before the field: names mean a head
+            self.grounding = "head" if names_given else "none"
+        if self.grounding not in GROUNDING_KINDS:
+            raise ValueError(f"`grounding` must be one of {list(GROUNDING_KINDS)}, got {self.grounding!r}.")
+        if self.grounding == "head" and not names_given:
+            raise ValueError(
+                "`grounding='head'` needs `grounding_characters` (and/or `grounding_settings`): the names the head "
+                "predicts."
+            )
+        if self.grounding == "restate" and self.max_restate_tokens < 1:
+            raise ValueError(f"`max_restate_tokens` must be >= 1, got {self.max_restate_tokens}.")
         for field_name in ("grounding_characters", "grounding_settings"):
             names = getattr(self, field_name)
             if names is None:
@@ -231,7 +258,17 @@ class StoryGPTVConfig(PreTrainedConfig):
     @property
     def has_grounding_head(self) -> bool:
         """Whether the model predicts the frame's characters and / or setting from its ``[IMG]`` states."""
-        return bool(self.grounding_characters) or bool(self.grounding_settings)
+        return self.grounding == "head"
+
+    @property
+    def restates_captions(self) -> bool:
+        """Whether the LLM restates each caption with its characters and setting filled in."""
+        return self.grounding == "restate"
+
+    @property
+    def can_ground(self) -> bool:
+        """Whether the model says which characters (and setting) a frame shows (``grounding="fuse"``)."""
+        return self.grounding in ("head", "restate")
 
     @property
     def context_token_budget(self) -> int | None:

@@ -79,9 +79,13 @@ class NextFrameOutput(ModelOutput):
         img_input_embeds: (B, R, embed_dim) input embeddings of the ``[IMG]`` tokens (the mapper reads the sum).
         character_logits: (B, len(grounding_characters)) grounding logits, or None without a grounding head.
         setting_logits: (B, len(grounding_settings)) grounding logits, or None.
+        restated_ids: for a restating model, the token ids of each story's restatement of the caption.
+        restated_captions: their text (when the story context has a processor).
     """
 
     img_hidden_states: torch.FloatTensor | None = None
     img_input_embeds: torch.FloatTensor | None = None
     character_logits: torch.FloatTensor | None = None
     setting_logits: torch.FloatTensor | None = None
+    restated_ids: list[list[int]] | None = None
+    restated_captions: list[str] | None = None

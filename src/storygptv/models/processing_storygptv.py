@@ -95,9 +95,11 @@ class StoryGPTVProcessor(ProcessorMixin):
         max_length: int | None = 160,
         label_scope: Literal["all", "target"] = "all",
         label_markers: bool = False,
+        target_restated: str | Sequence[int] | None = None,
     ) -> StorySequence:
         """A training / reference sequence with its labels (see
-        :func:`~storygptv.models.story_inputs.build_story_sequence`); captions as text or ids."""
+        :func:`~storygptv.models.story_inputs.build_story_sequence`); captions as text or ids.
+        ``target_restated``: the target caption restated (a restating model)."""
         return build_story_sequence(
             self.tokens,
             [self.caption_ids(c) for c in context_captions],
@@ -105,4 +107,9 @@ class StoryGPTVProcessor(ProcessorMixin):
             max_length=max_length,
             label_scope=label_scope,
             label_markers=label_markers,
+            target_restated_ids=None if target_restated is None else self.caption_ids(target_restated),
         )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated caption ids (a restatement), stripped."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()

@@ -129,21 +129,30 @@ class StoryContext:
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def read_next_frame(self, caption: Any) -> NextFrameOutput:
+    def read_next_frame(self, caption: Any, restated: Any = None) -> NextFrameOutput:
         """Run ``" Caption: c Image:" + [IMG0..R-1]`` on top of the context (not committed).
 
         Returns the ``[IMG]`` hidden states and input embeddings, and the grounding logits of a model with a
         grounding head, so a caller can resolve the frame's characters before it builds the mapper's anchor.
+        A restating model (``config.grounding == "restate"``) first writes ``" Means: <the caption restated>"``
+        (greedy, up to the first full stop or ``max_restate_tokens``), which comes back as ``restated_ids`` /
+        ``restated_captions``; ``restated`` gives the restatement instead (text or ids: teacher forcing).
 
         Args:
             caption: text (with a processor) or token ids: a list of ints (batch 1, or shared by the batch), a
                 list of lists or a (B, L) tensor.
+            restated: for a restating model, its restatement of ``caption`` to use instead of generating one.
         """
         before = self.llm_tokens_total
         captions = self._caption_batch(caption)
+        restates = bool(getattr(self.model.config, "restates_captions", False))
+        if restates and self.batch_size != 1:
+            raise ValueError("A restating story model reads one story at a time (`batch_size=1`).")
+        given = self._caption_batch(restated)[0] if restated is not None else None
+        extra = len(self.tokens.restate_prefix_ids) + self.model.config.max_restate_tokens if restates else 0
         budget = self.model.config.context_token_budget
         if budget is not None:
-            room = budget - len(self.tokens.bos_ids) - self.tokens.target_overhead()
+            room = budget - len(self.tokens.bos_ids) - self.tokens.target_overhead() - extra
             if room < 0:
                 raise ValueError(f"The LLM budget of {budget} tokens cannot hold a target segment.")
             if len(captions[0]) > room:
@@ -152,20 +161,57 @@ class StoryContext:
                     stacklevel=_caller_stacklevel(),
                 )
                 captions = [c[:room] for c in captions]
-        ids = torch.tensor([target_segment(self.tokens, c).input_ids for c in captions])
+        segments = [target_segment(self.tokens, c) for c in captions]
         self._ensure_started()
-        self._fit_budget(ids.shape[1], "target segment")
+        self._fit_budget(len(segments[0]) + extra, "target segment")
         committed = self.cache_length
-        out = self._run(ids, None)
+        restated_ids = None
+        if restates:
+            # " Caption: c Means:", the restatement (generated or given), then " Image: [IMG0..R-1]".
+            split = len(self.tokens.caption_prefix_ids) + len(captions[0])
+            prefix = [*segments[0].input_ids[:split], *self.tokens.restate_prefix_ids]
+            head = self._run(torch.tensor([prefix]), None, logits=True)
+            restated_ids = given if given is not None else self._restate(head.logits[:, -1])
+            if given is not None and given:
+                self._run(torch.tensor([given]), None)
+            out = self._run(torch.tensor([segments[0].input_ids[split:]]), None)
+        else:
+            out = self._run(torch.tensor([s.input_ids for s in segments]), None)
         self.cache.crop(committed - self.cache_length)
         self.cache_length = committed
         self.last_call_tokens = self.llm_tokens_total - before
+        decoded = None
+        if restated_ids is not None and self.processor is not None:
+            decoded = [self.processor.decode(restated_ids)]
         return NextFrameOutput(
             img_hidden_states=out.img_hidden_states,
             img_input_embeds=out.img_input_embeds,
             character_logits=out.character_logits,
             setting_logits=out.setting_logits,
+            restated_ids=None if restated_ids is None else [restated_ids],
+            restated_captions=decoded,
         )
+
+    def _restate(self, first_logits: torch.Tensor) -> list[int]:
+        """Greedy restatement on top of the cache, from the logits after ``" Means:"``: up to the first token
+        that ends a sentence (or before the end-of-text token), at most ``max_restate_tokens``; every token is
+        run into the cache once (the caller crops it)."""
+        if self.processor is None:
+            raise ValueError(
+                "A restating story model needs a processor to read its restatements: `StoryContext(model, processor)`."
+            )
+        eos = getattr(self.processor.tokenizer, "eos_token_id", None)
+        ids: list[int] = []
+        logits = first_logits
+        while len(ids) < self.model.config.max_restate_tokens:
+            token = int(logits[0].argmax())
+            if token == eos:
+                break
+            ids.append(token)
+            logits = self._run(torch.tensor([[token]]), None, logits=True).logits[:, -1]
+            if self.processor.decode([token]).endswith((".", "!", "?")):
+                break
+        return ids
 
     @torch.no_grad()
     def next_frame_conditioning(
@@ -243,8 +289,9 @@ class StoryContext:
             )
         return batch
 
-    def _run(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> Any:
-        """Run ``input_ids`` (B, L) on top of the cache and grow it; returns the model output."""
+    def _run(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, logits: bool = False) -> Any:
+        """Run ``input_ids`` (B, L) on top of the cache and grow it; returns the model output (with the LM
+        logits when ``logits``)."""
         device = self.model.get_input_embeddings().weight.device
         length = input_ids.shape[1]
         if self.cache is None:
@@ -256,7 +303,7 @@ class StoryContext:
             position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1),
             cache=self.cache,
             use_cache=True,
-            compute_logits=False,
+            compute_logits=logits,
         )
         self.cache = out.cache
         self.cache_length += length
@@ -323,17 +370,19 @@ def reference_conditioning(
     context_image_embeds: torch.Tensor | None,
     target_caption_ids: Sequence[int],
     caption_conditioning: torch.Tensor | None = None,
+    target_restated_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The conditioning of one full forward pass over the whole story (batch 1, no cache).
 
-    The reference that :class:`StoryContext` must equal: ``context_image_embeds`` is (n_frames, vision_embed_dim)
-    and ``caption_conditioning`` the anchor of a caption-anchored mapper.
+    The reference that :class:`StoryContext` must equal: ``context_image_embeds`` is (n_frames, vision_embed_dim),
+    ``caption_conditioning`` the anchor of a caption-anchored mapper and ``target_restated_ids`` the
+    restatement of a restating model.
     """
     tokens = StoryTokens.from_config(model.config)
     ids = list(tokens.bos_ids)
     for caption in context_caption_ids:
         ids += history_segment(tokens, caption).input_ids
-    ids += target_segment(tokens, target_caption_ids).input_ids
+    ids += target_segment(tokens, target_caption_ids, restated_ids=target_restated_ids).input_ids
     device = model.get_input_embeddings().weight.device
     out = model(
         input_ids=torch.tensor([ids], device=device),

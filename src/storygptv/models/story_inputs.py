@@ -5,6 +5,12 @@ A story sequence (method notes section 3.2) is::
     [BOS] Image: <v><v><v><v> Caption: c_0  Image: <v><v><v><v> Caption: c_1 ...  Caption: c_t Image: [IMG0]..[IMG7]
           '------------ history segment of frame 0 -------'                  '--------- target segment ---------'
 
+A model that *restates* captions (``restate_captions``) writes, between the target caption and its ``[IMG]`` tokens,
+the caption with the characters and setting it leaves open filled in, and its history holds those restated
+captions::
+
+    ... Caption: C_{t-1}  Caption: They are jumping. Means: Ava and Bo are jumping in the forest. Image: [IMG0]..[IMG7]
+
 - ``<v>`` is the placeholder id ``image_token_id`` (``<|image|>``), ``num_visual_tokens`` (m) of them per image;
   the model scatters the projected CLIP embedding of that frame into these positions.
 - Captions of the history and the target are the **referential** captions.
@@ -42,6 +48,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER_TOKEN",
     "IMAGE_PREFIX",
+    "RESTATE_PREFIX",
     "TARGET_SUFFIX",
     "Segment",
     "StorySequence",
@@ -60,6 +67,7 @@ IMAGE_PLACEHOLDER_TOKEN = "<|image|>"
 IMAGE_PREFIX = "Image:"
 CAPTION_PREFIX = " Caption:"
 TARGET_SUFFIX = " Image:"
+RESTATE_PREFIX = " Means:"
 
 
 def img_token_strings(num_img_tokens: int = 8) -> list[str]:
@@ -109,6 +117,7 @@ class StoryTokens:
     caption_prefix_ids: tuple[int, ...]
     target_suffix_ids: tuple[int, ...]
     bos_token_id: int | None = None
+    restate_prefix_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_tokenizer(
@@ -130,6 +139,7 @@ class StoryTokens:
             caption_prefix_ids=tuple(_encode(tokenizer, CAPTION_PREFIX)),
             target_suffix_ids=tuple(_encode(tokenizer, TARGET_SUFFIX)),
             bos_token_id=tokenizer.bos_token_id,
+            restate_prefix_ids=tuple(_encode(tokenizer, RESTATE_PREFIX)),
         )
 
     @classmethod
@@ -158,6 +168,7 @@ class StoryTokens:
             caption_prefix_ids=tuple(config.caption_prefix_ids),
             target_suffix_ids=tuple(config.target_suffix_ids),
             bos_token_id=config.story_bos_token_id,
+            restate_prefix_ids=tuple(getattr(config, "restate_prefix_ids", None) or ()),
         )
 
     def to_config_kwargs(self) -> dict[str, Any]:
@@ -171,6 +182,7 @@ class StoryTokens:
             "caption_prefix_ids": list(self.caption_prefix_ids),
             "target_suffix_ids": list(self.target_suffix_ids),
             "story_bos_token_id": self.bos_token_id,
+            "restate_prefix_ids": list(self.restate_prefix_ids),
         }
 
     @property
@@ -229,20 +241,41 @@ def history_segment(tokens: StoryTokens, caption_ids: Sequence[int]) -> Segment:
     return Segment(ids, caption_mask, marker_mask)
 
 
-def target_segment(
-    tokens: StoryTokens, caption_ids: Sequence[int], max_caption_tokens: int | None = None
-) -> Segment:
-    """``" Caption:" + caption + " Image:" + [IMG0..R-1]`` for the frame to generate.
+def restated_segment(tokens: StoryTokens, restated_ids: Sequence[int]) -> Segment:
+    """``" Means:" + restated caption``: the target caption restated, between it and its ``[IMG]`` tokens."""
+    if not tokens.restate_prefix_ids:
+        raise ValueError(
+            "These layout ids have no restate marker (`restate_prefix_ids`); the model does not restate."
+        )
+    rp, restated = list(tokens.restate_prefix_ids), _as_ids(restated_ids)
+    return Segment(
+        rp + restated, [False] * len(rp) + [True] * len(restated), [True] * len(rp) + [False] * len(restated)
+    )
 
-    ``max_caption_tokens`` truncates the caption (keeping its start) before the ``[IMG]`` ids are appended.
+
+def target_segment(
+    tokens: StoryTokens,
+    caption_ids: Sequence[int],
+    max_caption_tokens: int | None = None,
+    restated_ids: Sequence[int] | None = None,
+) -> Segment:
+    """``" Caption:" + caption [+ " Means:" + restated] + " Image:" + [IMG0..R-1]`` for the frame to generate.
+
+    ``max_caption_tokens`` truncates the caption (keeping its start) before the ``[IMG]`` ids are appended;
+    ``restated_ids`` (a restating model) is the caption restated with its characters and setting filled in.
     """
     cap = _as_ids(caption_ids)
     if max_caption_tokens is not None:
         cap = cap[: max(0, max_caption_tokens)]
     cp, ts, img = list(tokens.caption_prefix_ids), list(tokens.target_suffix_ids), list(tokens.img_token_ids)
-    ids = cp + cap + ts + img
-    caption_mask = [False] * len(cp) + [True] * len(cap) + [False] * (len(ts) + len(img))
-    marker_mask = [True] * len(cp) + [False] * len(cap) + [True] * len(ts) + [False] * len(img)
+    restated = restated_segment(tokens, restated_ids) if restated_ids is not None else Segment([], [], [])
+    ids = cp + cap + restated.input_ids + ts + img
+    caption_mask = (
+        [False] * len(cp) + [True] * len(cap) + restated.caption_mask + [False] * (len(ts) + len(img))
+    )
+    marker_mask = (
+        [True] * len(cp) + [False] * len(cap) + restated.marker_mask + [True] * len(ts) + [False] * len(img)
+    )
     return Segment(ids, caption_mask, marker_mask)
 
 
@@ -276,6 +309,7 @@ def build_story_sequence(
     max_length: int | None = 160,
     label_scope: Literal["all", "target"] = "all",
     label_markers: bool = False,
+    target_restated_ids: Sequence[int] | None = None,
 ) -> StorySequence:
     """Lay out one training sequence with its labels.
 
@@ -287,20 +321,26 @@ def build_story_sequence(
             are dropped first; the target caption is truncated only when it alone does not fit.
         label_scope: ``"all"`` labels every caption, ``"target"`` only the target caption ([IMG0] always).
         label_markers: also label the ``"Image:"`` / ``" Caption:"`` marker tokens.
+        target_restated_ids: the target caption restated (a restating model; always labelled).
     """
     if label_scope not in ("all", "target"):
         raise ValueError(f"`label_scope` must be 'all' or 'target', got {label_scope!r}.")
     bos = tokens.bos_ids
     max_caption = None
     if max_length is not None:
-        room = max_length - len(bos) - tokens.target_overhead()
+        restated_length = (
+            len(target_restated_ids) + len(tokens.restate_prefix_ids) if target_restated_ids else 0
+        )
+        room = max_length - len(bos) - tokens.target_overhead() - restated_length
         if room < 0:
             raise ValueError(
                 f"`max_length` ({max_length}) is too small for a target segment: it needs at least "
                 f"{len(bos) + tokens.target_overhead()} tokens (BOS + markers + {len(tokens.img_token_ids)} [IMG])."
             )
         max_caption = room
-    target = target_segment(tokens, target_caption_ids, max_caption_tokens=max_caption)
+    target = target_segment(
+        tokens, target_caption_ids, max_caption_tokens=max_caption, restated_ids=target_restated_ids
+    )
     budget = None if max_length is None else max_length - len(bos) - len(target)
 
     kept: list[int] = []

@@ -100,6 +100,7 @@ class FrameConditioning:
         text_embeds: the plain caption embedding of the steps before ``merge_step``.
         conditioning: the conditioning from ``merge_step`` on.
         merge_step: the first denoising step that uses ``conditioning``.
+        restated: a restating model's restatement of the caption (what the story context keeps), or None.
     """
 
     caption: str
@@ -108,6 +109,7 @@ class FrameConditioning:
     text_embeds: torch.Tensor
     conditioning: torch.Tensor
     merge_step: int
+    restated: str | None = None
 
 
 def encode_story_images(
@@ -201,7 +203,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
     def resolve_grounding(self, grounding: str | None) -> str:
         """The grounding mode of a call: ``grounding``, or by default ``"fuse"`` when the story model has a
         grounding head and ``"none"`` otherwise. Raises a ``ValueError`` naming the fix for a bad value."""
-        has_head = bool(getattr(self.story_model.config, "has_grounding_head", False))
+        has_head = bool(getattr(self.story_model.config, "can_ground", False))
         if grounding is None:
             return "fuse" if has_head else "none"
         if grounding not in GROUNDING_MODES:
@@ -210,9 +212,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             )
         if grounding == "fuse" and not has_head:
             raise ValueError(
-                "`grounding='fuse'` needs a story model with a grounding head (its config sets "
-                "`grounding_characters`); this one has none. Use grounding='none', or train the story model "
-                "with `train_storygptv.py --grounding`."
+                "`grounding='fuse'` needs a story model that grounds frames (its config's `grounding` is 'head' "
+                "or 'restate'); this one does not. Use grounding='none', or train the story model with "
+                "`train_storygptv.py --grounding restate`."
             )
         return grounding
 
@@ -290,13 +292,21 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         """
         config = self.story_model.config
         known_settings = list(config.grounding_settings or [])
-        reading = predicted = predicted_setting = None
-        if context.num_frames_committed > 0:
+        known_names = list(dict.fromkeys([*character_embeds, *(config.grounding_characters or [])]))
+        first = context.num_frames_committed == 0
+        reading = predicted = predicted_setting = restated = None
+        if not first or config.restates_captions:  # a restating model restates the first caption too
             reading = context.read_next_frame(caption)
+            if reading.restated_captions:
+                restated = reading.restated_captions[0]
+                predicted = [m.name for m in find_character_mentions(restated, known_names)]
+                predicted_setting = named_setting(restated, known_settings) if known_settings else None
             if reading.character_logits is not None:
                 predicted = self.story_model.grounded_characters(reading.character_logits)[0]
             if reading.setting_logits is not None:
                 predicted_setting = self.story_model.grounded_settings(reading.setting_logits)[0]
+        if first:
+            reading = None  # the first frame is Char-LDM's
         drawn = caption
         if grounding == "fuse" and reading is not None:
             drawn = ground_caption(caption, predicted or [], predicted_setting, known_settings)
@@ -326,7 +336,6 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 find_character_mentions(drawn, character_embeds)
             )
             merge_step = start_merge_step if names_characters else 0
-        known_names = list(dict.fromkeys([*character_embeds, *(config.grounding_characters or [])]))
         characters = [m.name for m in find_character_mentions(drawn, known_names)]
         setting = named_setting(drawn, known_settings) if known_settings else None
         if grounding == "none" and reading is not None:
@@ -339,6 +348,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             text_embeds=encoded.text_embeds,
             conditioning=conditioning.to(device=device, dtype=encoded.text_embeds.dtype),
             merge_step=merge_step,
+            restated=restated,
         )
 
     def _warn_unused_cast(self, cast: Mapping[str, Any], captions: list[str], grounding: str) -> None:
@@ -502,7 +512,8 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(image))
             # The generated frame, not a ground-truth one, becomes the next frames' visual context.
             embeds = encode_story_images(pil, self.image_encoder, self.feature_extractor)
-            context.append_frame(embeds.to(self.story_model.dtype), captions[index])
+            # A restating model's history holds its restatements (names and setting explicit).
+            context.append_frame(embeds.to(self.story_model.dtype), frame.restated or captions[index])
             if callback_on_frame_end is not None:
                 callback_on_frame_end(self, index, pil[0])
             images.append(frame_latent if output_type == "latent" else image)

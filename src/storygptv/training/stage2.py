@@ -35,6 +35,7 @@ __all__ = [
     "check_language_model",
     "check_stage2_targets",
     "register_checkpoint_hooks",
+    "restatement_scores",
     "story_model_source",
 ]
 
@@ -149,11 +150,29 @@ def register_checkpoint_hooks(accelerator: Any, story_model_class: type) -> None
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def restatement_scores(logits: torch.Tensor, input_ids: torch.Tensor, config: Any) -> tuple[float, int]:
+    """(mean cross-entropy, number of rows right token for token) of the restatements in ``input_ids``: the
+    tokens between the restate marker (``config.restate_prefix_ids``) and the target's ``" Image:"``."""
+    marker, suffix = list(config.restate_prefix_ids or []), list(config.target_suffix_ids)
+    first_img = config.img_token_ids[0]
+    losses, right = [], 0
+    for row, ids in enumerate(input_ids.tolist()):
+        end = ids.index(first_img) - len(suffix)
+        start = max(i for i in range(end) if ids[i : i + len(marker)] == marker) + len(marker)
+        predicted = logits[row, start - 1 : end - 1].float()  # the logits of position i predict token i + 1
+        target = input_ids[row, start:end].to(predicted.device)
+        losses.append(torch.nn.functional.cross_entropy(predicted, target))
+        right += int(bool((predicted.argmax(-1) == target).all()))
+    return float(torch.stack(losses).mean()), right
+
+
 class AlignmentValidator:
     """Mean L_align over one fixed target frame per held-out story; keeps the best step's trained weights.
 
     With a grounding head the selection score is ``L_align + grounding_weight * L_ground`` (both means over the
-    frames), and the exact-match rate of the predicted cast is logged beside it.
+    frames), and the exact-match rate of the predicted cast is logged beside it. A restating model adds the
+    cross-entropy of its (teacher-forced) restatements of the target captions, and logs the share of them it
+    gets right token for token (``restate_exact``).
 
     The target frames are drawn once, with a fixed seed, so every validation scores the same frames. The best step
     lives in ``<output_dir>/best_alignment/`` (weights + ``best.json``) and survives a resume: an entry from a
@@ -194,10 +213,16 @@ class AlignmentValidator:
         model.eval()
         align = grounding = exact = 0.0
         count = 0
+        restates = bool(getattr(model.config, "restates_captions", False))
+        restate_loss = restate_exact = 0.0
         for batch in self.batches:
-            out = model(**{k: v.to(device) for k, v in batch.items()}, compute_logits=False)
+            out = model(**{k: v.to(device) for k, v in batch.items()}, compute_logits=restates)
             n = next(iter(batch.values())).shape[0]
             align += float(out.align_loss) * n
+            if restates:
+                loss, right = restatement_scores(out.logits, batch["input_ids"], model.config)
+                restate_loss += loss * n
+                restate_exact += right
             if out.grounding_loss is not None:
                 grounding += float(out.grounding_loss) * n
             if out.character_logits is not None and "character_labels" in batch:
@@ -210,7 +235,13 @@ class AlignmentValidator:
         self.last = {"align_loss": align / count}
         if model.grounding_head is not None:
             self.last.update(grounding_loss=grounding / count, grounding_exact=100.0 * exact / count)
-        return self.last["align_loss"] + self.grounding_weight * self.last.get("grounding_loss", 0.0)
+        if restates:
+            self.last.update(restate_loss=restate_loss / count, restate_exact=100.0 * restate_exact / count)
+        return (
+            self.last["align_loss"]
+            + self.grounding_weight * self.last.get("grounding_loss", 0.0)
+            + self.last.get("restate_loss", 0.0)
+        )
 
     def update(self, model: Any, step: int, value: float) -> bool:
         """Record ``value`` at ``step``; save the weights if it is the best so far. Returns whether it is."""
