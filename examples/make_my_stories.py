@@ -3,7 +3,7 @@
 
 The frames are drawn by the SynthSV renderer (:mod:`storygptv.data.synthsv`), whose sprites stand in for the
 new characters: Nia is drawn as the pink triangle and Rex as the purple diamond. The folder shows every part
-of the format (docs/finetune.md): boxes (story "picnic", "night_walk"), label-map masks ("snowday"), given
+of the format (README, "Fine-tune on your own stories"): boxes (story "picnic", "night_walk"), label-map masks ("snowday"), given
 referential captions, a ``background`` per frame, the ``characters/`` cast and a ``splits.json``.
 
     python examples/make_my_stories.py [OUTPUT_DIR]

@@ -1,4 +1,4 @@
-"""The guide "Fine-tune on your own stories" (docs/finetune.md), run as written on examples/my_stories.
+"""The README's guide "Fine-tune on your own stories", run as written on examples/my_stories.
 
 The guide's ``python training_scripts/...`` and ``storygptv ...`` commands are read from its bash blocks and
 run in-process (each script's ``main(argv)``) in a scratch copy of ``examples/``; its Python example is run
@@ -29,7 +29,7 @@ from storygptv.training.references import pipeline_cast, training_references, wr
 from storygptv.training.stage2 import story_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDE = ROOT / "docs" / "finetune.md"
+README = ROOT / "README.md"
 SCRIPTS = ROOT / "training_scripts"
 
 
@@ -43,9 +43,17 @@ def _script(name: str):
     return sys.modules[module_name]
 
 
+def guide_text() -> str:
+    """The README's section "Fine-tune on your own stories", up to the next level-2 heading."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Fine-tune on your own stories\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
 def guide_blocks(language: str) -> list[str]:
     """The fenced code blocks of the guide in ``language``."""
-    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", guide_text(), flags=re.S)
 
 
 def guide_commands() -> list[list[str]]:
@@ -160,11 +168,11 @@ def test_the_guide_python_examples_run(guide, monkeypatch, capsys):
     loading, drawing, scoring = guide_blocks("python")
     with working_in(guide):  # beside the copy of examples/ and the fine-tuned model
         namespace: dict = {}
-        exec(compile(loading, str(GUIDE), "exec"), namespace)
+        exec(compile(loading, "README.md", "exec"), namespace)
         assert list(namespace["held_out"]["story_id"]) == ["night_walk"]
         namespace = {}
-        exec(compile(drawing, str(GUIDE), "exec"), namespace)
-        exec(compile(scoring, str(GUIDE), "exec"), namespace)
+        exec(compile(drawing, "README.md", "exec"), namespace)
+        exec(compile(scoring, "README.md", "exec"), namespace)
     assert (guide / "they_are_waving.png").is_file()
     # night_walk: "Nia", "Nia and Rex", then "They": the last frame's pronoun is not resolved.
     scores = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])

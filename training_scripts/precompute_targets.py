@@ -30,7 +30,7 @@ shards, so no finished work is lost. The computation is the library's
 reads the folder back.
 
 Reference images: SynthSV uses :func:`storygptv.data.synthsv.reference_images` by default, a story folder
-(``--dataset folder --data_dir DIR``, see docs/finetune.md) its ``DIR/characters``; FlintstonesSV, PororoSV
+(``--dataset folder --data_dir DIR``, see the README) its ``DIR/characters``; FlintstonesSV, PororoSV
 and ``--train_dataset_path`` need ``--reference_images_dir`` (one ``<Name>.png`` / ``.jpg`` per character,
 e.g. ``Fred.png``, ``Mr_Slate.png``: underscores stand for spaces).
 

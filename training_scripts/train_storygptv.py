@@ -47,7 +47,7 @@ is a whole :class:`storygptv.pipelines.pipeline_storygptv.StoryGPTVPipeline` (Ch
 ``--pretrained_model_name_or_path`` + the trained story model and its tokenizer) that carries its cast in
 ``characters/`` (the reference images of the targets: ``--reference_images_dir``, else SynthSV's or the story
 folder's, else the Char-LDM folder's ``characters/``), or only the story model with ``--save_story_model_only``.
-Your own stories: ``--dataset folder --data_dir DIR`` (docs/finetune.md).
+Your own stories: ``--dataset folder --data_dir DIR`` (README, "Fine-tune on your own stories").
 
 Example::
 

@@ -12,7 +12,7 @@ multi-billion-parameter LLM (e.g. for SynthSV or for tests):
 3. the LM is trained on whole stories: the referential captions of a story joined into one text, so that it
    learns that "She" in frame 3 refers to a character named earlier.
 
-Your own stories: ``--dataset folder --data_dir DIR`` (docs/finetune.md); the BPE tokenizer is then trained on
+Your own stories: ``--dataset folder --data_dir DIR`` (README, "Fine-tune on your own stories"); the BPE tokenizer is then trained on
 your captions, so the LM learns your characters' names.
 
 The output folder loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` and

@@ -380,7 +380,7 @@ def read_story_folder(data_dir: str | Path) -> StoryFolder:
     if not metadata.is_file():
         raise StoryFolderError(
             f"{str(root)!r} has no {METADATA_FILE}: a story folder holds one JSON object per frame there "
-            f"(fields {list(FIELDS)}); see docs/finetune.md."
+            f"(fields {list(FIELDS)}); see the README section 'Fine-tune on your own stories'."
         )
     cast_dir = root / CAST_DIR
     if not cast_dir.is_dir():

@@ -47,7 +47,7 @@ _PATH_SETTINGS = ("data_dir", "train_dataset_path", "pretrained_model_name_or_pa
 #: Help of the data options, shared with the scripts that build their own parser (precompute_targets.py).
 DATASET_HELP = (
     "Training data: flintstones or pororo (a downloaded release in --data_dir), synthsv (generated), or folder "
-    "(your own stories in --data_dir: frames, metadata.jsonl and characters/; see docs/finetune.md)."
+    "(your own stories in --data_dir: frames, metadata.jsonl and characters/; see the README section 'Fine-tune on your own stories')."
 )
 DATA_DIR_HELP = "The release folder (flintstones, pororo) or your story folder (folder); synthsv needs none."
 TRAIN_DATASET_PATH_HELP = (

@@ -51,7 +51,7 @@ def check_dataset(dataset: str, data_dir: str | None = None, train_dataset_path:
         return
     if not data_dir:
         what = (
-            "your story folder (metadata.jsonl, frames and characters/; see docs/finetune.md)"
+            "your story folder (metadata.jsonl, frames and characters/; see the README section 'Fine-tune on your own stories')"
             if name == "folder"
             else "the folder of its downloaded release (nothing is downloaded)"
         )
