@@ -19,7 +19,8 @@ Start from a Char-LDM folder or Hub id, or from Stable Diffusion 1.5 plus ``--im
 
 Your own stories: ``--dataset folder --data_dir DIR`` (frames, ``metadata.jsonl`` and ``characters/``; see the
 README, "Fine-tune on your own stories"). The exported folder carries its cast in ``characters/``:
-``--reference_images_dir``, else the dataset's own references (SynthSV's, or ``DIR/characters``), else those of the starting pipeline.
+``--reference_images_dir``, else the dataset's own references (SynthSV's, or ``DIR/characters``), else those
+of the starting pipeline.
 
 Determinism: the data order, the collator's randomness, the noise and the timesteps of micro-step ``i``
 depend only on ``(--seed, i, rank)``; a run resumed with ``--resume_from_checkpoint latest`` ends with
