@@ -1,8 +1,9 @@
-"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge.
+"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge, FID.
 
 The judge's calibration harness is :mod:`storygptv.evaluation.synthsv_calibration` (not imported here).
 Char-Acc / Char-F1, BG-Acc and the grounding metrics are also Hugging Face ``evaluate`` modules shipped in
 the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_acc")`` loads one offline.
+FID under a named protocol (:mod:`storygptv.evaluation.fid`) is imported on first use, as it needs torch.
 """
 
 from typing import Any
@@ -13,21 +14,57 @@ from .metrics import background_accuracy, binarize, character_metrics
 from .synthsv import JudgedFrame, SynthSVJudge, image_to_array, judge_frame, judge_frames, score_stories
 
 __all__ = [
+    "FID_PROTOCOLS",
     "METRIC_NAMES",
+    "FIDFrames",
+    "FIDInceptionV3",
+    "FIDResult",
     "JudgedFrame",
     "SynthSVJudge",
     "background_accuracy",
     "binarize",
     "character_metrics",
+    "compute_fid",
+    "feature_statistics",
+    "fid_features",
+    "frechet_distance",
     "grounding_metrics",
     "image_to_array",
     "judge_frame",
     "judge_frames",
+    "load_fid_inception",
     "load_metric",
     "metric_path",
     "score_stories",
     "score_story_grounding",
+    "select_fid_frames",
 ]
+
+# FID needs torch; it is imported on first use so that the other metrics stay light.
+_LAZY = {
+    name: ".fid"
+    for name in (
+        "FID_PROTOCOLS",
+        "FIDFrames",
+        "FIDInceptionV3",
+        "FIDResult",
+        "compute_fid",
+        "feature_statistics",
+        "fid_features",
+        "frechet_distance",
+        "load_fid_inception",
+        "select_fid_frames",
+    )
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the FID names on first use (``from storygptv.evaluation import compute_fid``)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_metric(name: str, **kwargs: Any) -> Any:
