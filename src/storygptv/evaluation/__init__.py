@@ -1,4 +1,5 @@
-"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge.
+"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge,
+the caption metrics of story continuation (corpus BLEU-1..4 and CIDEr-D as coco-caption computes them).
 
 The judge's calibration harness is :mod:`storygptv.evaluation.synthsv_calibration` (not imported here).
 Char-Acc / Char-F1, BG-Acc and the grounding metrics are also Hugging Face ``evaluate`` modules shipped in
@@ -7,6 +8,7 @@ the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_
 
 from typing import Any
 
+from .captions import bleu_scores, cider_score, tokenize_caption
 from .evaluate_modules import METRIC_NAMES, metric_path
 from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics
@@ -18,7 +20,9 @@ __all__ = [
     "SynthSVJudge",
     "background_accuracy",
     "binarize",
+    "bleu_scores",
     "character_metrics",
+    "cider_score",
     "grounding_metrics",
     "image_to_array",
     "judge_frame",
@@ -27,6 +31,7 @@ __all__ = [
     "metric_path",
     "score_stories",
     "score_story_grounding",
+    "tokenize_caption",
 ]
 
 
