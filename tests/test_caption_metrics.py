@@ -183,3 +183,49 @@ def test_bad_input_names_the_argument(score):
 def test_cider_rejects_a_non_positive_sigma():
     with pytest.raises(ValueError, match="sigma must be positive"):
         cider_score(["a b"], [["a b"]], sigma=0)
+
+
+# --- evaluate modules ----------------------------------------------------------------------------------
+
+PREDICTIONS = [
+    "Fred is talking to Barney in the living room.",
+    "Wilma and Betty are walking outside the house.",
+    "Dino jumps on Fred.",
+    "Barney's car is parked in front of the quarry.",
+]
+REFERENCES = [
+    ["Fred talks to Barney in the living room.", "Fred and Barney are in the living room."],
+    ["Wilma and Betty walk outside.", "Betty and Wilma are outside the house talking."],
+    ["Dino is jumping on Fred in the yard.", "Dino licks Fred."],
+    ["Barney drives his car to the quarry.", "A car is parked at the quarry."],
+]
+
+
+def test_caption_modules_load_offline_and_match_the_functions(offline):
+    import evaluate
+
+    from storygptv.evaluation import load_metric, metric_path
+
+    bleu = load_metric("caption_bleu", keep_in_memory=True)
+    assert bleu.name == "caption_bleu" and "closest" in bleu.description
+    assert bleu.compute(predictions=PREDICTIONS, references=REFERENCES) == pytest.approx(
+        bleu_scores(PREDICTIONS, REFERENCES)
+    )
+    # Options reach the function.
+    assert bleu.compute(predictions=PREDICTIONS, references=REFERENCES, max_order=2) == pytest.approx(
+        bleu_scores(PREDICTIONS, REFERENCES, max_order=2)
+    )
+
+    cider = evaluate.load(metric_path("caption_cider"), keep_in_memory=True)
+    # Batches add up to one corpus: the idf (and BLEU's sums) cover every caption added before compute.
+    cider.add_batch(predictions=PREDICTIONS[:2], references=REFERENCES[:2])
+    cider.add_batch(predictions=PREDICTIONS[2:], references=REFERENCES[2:])
+    assert cider.compute(sigma=3.0, tokenize=str.split) == pytest.approx(
+        cider_score(PREDICTIONS, REFERENCES, sigma=3.0, tokenize=str.split)
+    )
+    assert (
+        cider_score(PREDICTIONS, REFERENCES)["cider"] != cider_score(PREDICTIONS[:2], REFERENCES[:2])["cider"]
+    )
+
+    with pytest.raises(ValueError, match=r"references\[1\] is empty"):
+        cider.compute(predictions=PREDICTIONS[:2], references=[REFERENCES[0], []])

@@ -48,5 +48,8 @@ def test_module_scripts_ship_in_the_package():
         script = Path(metric_path(name)) / f"{name}.py"
         assert script.is_file(), script
         assert f"storygptv.evaluation.evaluate_modules.{name}" in packages
-    with pytest.raises(ValueError, match="available: \\['char_acc', 'bg_acc', 'grounding'\\]"):
+    with pytest.raises(
+        ValueError,
+        match="available: \\['char_acc', 'bg_acc', 'grounding', 'caption_bleu', 'caption_cider'\\]",
+    ):
         metric_path("fid")

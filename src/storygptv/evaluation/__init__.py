@@ -2,8 +2,9 @@
 the caption metrics of story continuation (corpus BLEU-1..4 and CIDEr-D as coco-caption computes them).
 
 The judge's calibration harness is :mod:`storygptv.evaluation.synthsv_calibration` (not imported here).
-Char-Acc / Char-F1, BG-Acc and the grounding metrics are also Hugging Face ``evaluate`` modules shipped in
-the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_acc")`` loads one offline.
+Char-Acc / Char-F1, BG-Acc, the grounding and the caption metrics are also Hugging Face ``evaluate`` modules
+shipped in the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_acc")`` loads one
+offline.
 """
 
 from typing import Any
@@ -36,9 +37,10 @@ __all__ = [
 
 
 def load_metric(name: str, **kwargs: Any) -> Any:
-    """The package metric ``name`` (:data:`METRIC_NAMES`: ``"char_acc"``, ``"bg_acc"``, ``"grounding"``) as
-    an ``evaluate.EvaluationModule``: ``evaluate.load`` on its script inside the installed package, so nothing
-    is downloaded. ``kwargs`` go to ``evaluate.load`` (``keep_in_memory``, ``cache_dir``, ``num_process`` ...).
+    """The package metric ``name`` (:data:`METRIC_NAMES`: ``"char_acc"``, ``"bg_acc"``, ``"grounding"``,
+    ``"caption_bleu"``, ``"caption_cider"``) as an ``evaluate.EvaluationModule``: ``evaluate.load`` on its
+    script inside the installed package, so nothing is downloaded. ``kwargs`` go to ``evaluate.load``
+    (``keep_in_memory``, ``cache_dir``, ``num_process`` ...).
 
     Example:
         >>> char_acc = load_metric("char_acc", keep_in_memory=True)  # doctest: +SKIP
