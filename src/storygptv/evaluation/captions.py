@@ -25,10 +25,13 @@ comes from it, so a metric over many captions is not the mean of per-caption met
 abbreviations, coco-caption's punctuation dropped; its docstring lists what it keeps). Pass
 ``tokenize=str.split`` for text that is already PTB-tokenized, or any other callable.
 
-**Where the numbers can differ from pycocoevalcap.** Only when a corpus has *no* matching n-gram of some
-order (or no n-gram of that order at all): we follow the published definition (a zero precision makes the
-geometric mean 0), while coco-caption adds epsilons (``1e-15`` over ``1e-9``) that leave a small positive
-value. Real corpora have matches of every order, and there the two agree to floating-point precision.
+**Where the numbers can differ from pycocoevalcap.** The scorers agree to about 1e-11 on the same tokens
+(checked against pycocoevalcap 1.2's BLEU and CIDEr scorers on hand-written and random corpora), except
+when a corpus has *no* matching n-gram of some order (or no n-gram of that order at all): we follow the
+published definition (a zero precision makes the geometric mean 0), while coco-caption adds epsilons
+(``1e-15`` over ``1e-9``) that leave a small positive value (at most about 6e-4, BLEU-4's
+``(1e-15) ** (1/4)``). Real corpora have matches of every order. The tokens can differ where
+:func:`tokenize_caption` and PTB part ways (rare in captions).
 
 Example:
     >>> predictions = ["Fred is talking to Barney in the living room."]
@@ -203,12 +206,8 @@ def bleu_scores(
     result: dict[str, float] = {}
     log_precision_sum = 0.0
     for n in range(1, max_order + 1):
-        if matches[n - 1] == 0 or log_precision_sum == -math.inf:
-            # A zero precision (or no n-grams of this order at all) zeroes this and every higher order.
-            log_precision_sum = -math.inf
-            result[f"bleu_{n}"] = 0.0
-            continue
-        log_precision_sum += math.log(matches[n - 1] / totals[n - 1])
+        # A zero precision (no match, or no n-gram of this order at all) zeroes this order and every higher one.
+        log_precision_sum += math.log(matches[n - 1] / totals[n - 1]) if matches[n - 1] else -math.inf
         result[f"bleu_{n}"] = brevity_penalty * math.exp(log_precision_sum / n)
     result["brevity_penalty"] = brevity_penalty
     result["length_ratio"] = hypothesis_length / reference_length if reference_length else math.inf
