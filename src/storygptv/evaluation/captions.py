@@ -79,8 +79,10 @@ _TOKEN = re.compile(
     r"-[lr][rsc]b-"  # a bracket, as above
     r"|n't|'(?:s|re|ve|ll|d|m)\b"  # a split-off clitic
     r"|\b(?:mr|mrs|ms|dr|st|jr|sr)\.|(?:[^\W\d_]\.){2,}"  # PTB keeps the period of titles and "u.s."
-    r"|\w+(?:(?:[-'./@]|[,:](?=\d))\w+)*"  # a word: "well-known", "o'clock", "and/or", "3.5", "1,000", "10:30"
-    r"|[^\w\s.?!,:;'\"`-]"  # any other symbol ("&", "%", "$", "+"): coco-caption drops only . ? ! , : ; - and quotes
+    # a word: "well-known", "o'clock", "and/or", "3.5", "1,000", "10:30"
+    r"|\w+(?:(?:[-'./@]|[,:](?=\d))\w+)*"
+    # any other symbol ("&", "%", "$", "+"): coco-caption drops only . ? ! , : ; - and quotes
+    r"|[^\w\s.?!,:;'\"`-]"
 )
 
 
@@ -152,7 +154,7 @@ def bleu_scores(
     max_order: int = 4,
     tokenize: Tokenizer | None = None,
 ) -> dict[str, float]:
-    """Corpus BLEU-1..``max_order`` of predicted captions against their references, as coco-caption computes it.
+    """Corpus BLEU-1..``max_order`` of captions against their references, as coco-caption computes it.
 
     Per order n, ``p_n`` = (clipped n-gram matches summed over the corpus) / (prediction n-grams summed over
     the corpus), where a prediction n-gram matches at most as often as it occurs in any single reference.
@@ -206,7 +208,7 @@ def bleu_scores(
     result: dict[str, float] = {}
     log_precision_sum = 0.0
     for n in range(1, max_order + 1):
-        # A zero precision (no match, or no n-gram of this order at all) zeroes this order and every higher one.
+        # A zero precision (no match, or no n-gram of this order) zeroes this order and every higher one.
         log_precision_sum += math.log(matches[n - 1] / totals[n - 1]) if matches[n - 1] else -math.inf
         result[f"bleu_{n}"] = brevity_penalty * math.exp(log_precision_sum / n)
     result["brevity_penalty"] = brevity_penalty
@@ -277,7 +279,7 @@ def cider_score(
             vectors[len(ngram) - 1][ngram] = count * idf
         return vectors, [math.sqrt(sum(w * w for w in vector.values())) for vector in vectors]
 
-    # 3. Per frame: clipped cosine per order, averaged over orders, length-penalised, averaged over references.
+    # 3. Per frame: clipped cosine per order, mean over orders, length penalty, mean over references.
     frame_scores = []
     for hypothesis, counts, refs, ref_counts in zip(
         hypotheses, hypothesis_counts, reference_sets, reference_counts
