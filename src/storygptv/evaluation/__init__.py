@@ -1,13 +1,16 @@
-"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge, FID.
+"""Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge,
+the caption metrics of story continuation (corpus BLEU-1..4 and CIDEr-D as coco-caption computes them), FID.
 
 The judge's calibration harness is :mod:`storygptv.evaluation.synthsv_calibration` (not imported here).
-Char-Acc / Char-F1, BG-Acc and the grounding metrics are also Hugging Face ``evaluate`` modules shipped in
-the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_acc")`` loads one offline.
-FID under a named protocol (:mod:`storygptv.evaluation.fid`) is imported on first use, as it needs torch.
+Char-Acc / Char-F1, BG-Acc, the grounding and the caption metrics are also Hugging Face ``evaluate`` modules
+shipped in the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_acc")`` loads one
+offline. FID under a named protocol (:mod:`storygptv.evaluation.fid`) is imported on first use, as it needs
+torch.
 """
 
 from typing import Any
 
+from .captions import bleu_scores, cider_score, tokenize_caption
 from .evaluate_modules import METRIC_NAMES, metric_path
 from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics
@@ -23,7 +26,9 @@ __all__ = [
     "SynthSVJudge",
     "background_accuracy",
     "binarize",
+    "bleu_scores",
     "character_metrics",
+    "cider_score",
     "compute_fid",
     "feature_statistics",
     "fid_features",
@@ -38,6 +43,7 @@ __all__ = [
     "score_stories",
     "score_story_grounding",
     "select_fid_frames",
+    "tokenize_caption",
 ]
 
 # FID needs torch; it is imported on first use so that the other metrics stay light.
@@ -68,9 +74,10 @@ def __getattr__(name: str) -> Any:
 
 
 def load_metric(name: str, **kwargs: Any) -> Any:
-    """The package metric ``name`` (:data:`METRIC_NAMES`: ``"char_acc"``, ``"bg_acc"``, ``"grounding"``) as
-    an ``evaluate.EvaluationModule``: ``evaluate.load`` on its script inside the installed package, so nothing
-    is downloaded. ``kwargs`` go to ``evaluate.load`` (``keep_in_memory``, ``cache_dir``, ``num_process`` ...).
+    """The package metric ``name`` (:data:`METRIC_NAMES`: ``"char_acc"``, ``"bg_acc"``, ``"grounding"``,
+    ``"caption_bleu"``, ``"caption_cider"``) as an ``evaluate.EvaluationModule``: ``evaluate.load`` on its
+    script inside the installed package, so nothing is downloaded. ``kwargs`` go to ``evaluate.load``
+    (``keep_in_memory``, ``cache_dir``, ``num_process`` ...).
 
     Example:
         >>> char_acc = load_metric("char_acc", keep_in_memory=True)  # doctest: +SKIP

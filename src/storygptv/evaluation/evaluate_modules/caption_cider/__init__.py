@@ -1,0 +1,1 @@
+"""The ``caption_cider`` evaluate module (its script is ``caption_cider.py``)."""
