@@ -212,6 +212,22 @@ def label_names(args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- model
+def check_pretrained_classifier(args: argparse.Namespace, names: list[str]) -> None:
+    """A ``--pretrained_model_name_or_path`` classifier must predict ``--task`` over the data's labels (its config
+    is read, not its weights)."""
+    try:
+        config = StoryFrameClassifierConfig.from_pretrained(args.pretrained_model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise TrainingSetupError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a classifier folder "
+            f"written by this script: {error}"
+        ) from error
+    try:
+        check_label_set(config, names, args.task, where=f"the {args.dataset} frames")
+    except ValueError as error:
+        raise TrainingSetupError(f"--pretrained_model_name_or_path: {error}") from error
+
+
 def build_classifier(args: argparse.Namespace, names: list[str]) -> StoryFrameClassifier:
     """The classifier of the run: a saved classifier, a pretrained image model + a new head, or a new model."""
     fields = {
@@ -223,10 +239,6 @@ def build_classifier(args: argparse.Namespace, names: list[str]) -> StoryFrameCl
     }
     if args.pretrained_model_name_or_path:
         model = StoryFrameClassifier.from_pretrained(args.pretrained_model_name_or_path)
-        try:
-            check_label_set(model, names, args.task, where=f"the {args.dataset} frames")
-        except ValueError as error:
-            raise TrainingSetupError(f"--pretrained_model_name_or_path: {error}") from error
         if args.resolution:
             model.config.image_size = args.resolution
         return model
@@ -345,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Every check that can fail runs before the long work.
     check_dataset(args.dataset, args.data_dir, args.train_dataset_path)
     names = label_names(args)
+    if args.pretrained_model_name_or_path:
+        check_pretrained_classifier(args, names)
     new_backbone = backbone_config(args)
     settings = run_settings(
         args,
