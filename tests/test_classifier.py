@@ -90,6 +90,21 @@ def test_background_classifier_on_synthsv(script, tmp_path):
     assert classifier.config.label_names == list(dataset_label_names("synthsv", "background"))
 
 
+def test_a_pretrained_image_model_from_a_folder(script, tmp_path):
+    """``--backbone_name_or_path`` takes any transformers image model: here a ConvNeXt saved to a folder."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)).save_pretrained(
+        tmp_path / "cnx"
+    )
+    args = _args(tmp_path / "out", "--backbone_name_or_path", str(tmp_path / "cnx"), "--num_train_epochs", "1",
+                 backbone=False)  # fmt: skip
+    script.main(args)
+    classifier = StoryFrameClassifier.from_pretrained(tmp_path / "out")
+    assert classifier.config.vision_config.model_type == "convnext" and classifier.config.feature_size == 16
+    assert str(tmp_path / "cnx") in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_resume_gives_the_same_classifier(script, tmp_path):
     straight = script.main(_args(tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):
