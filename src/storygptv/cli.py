@@ -40,6 +40,19 @@ FRAME_FILE = re.compile(r"frame_\d{3,}\.png")
 STORYBOARD_FILE = "storyboard.png"
 
 
+def frame_file_name(index: int) -> str:
+    """The file of frame ``index`` (0-based) of a story folder: ``frame_001.png`` for the first frame.
+
+    The one rule of the layout ``generate --out`` writes, which the evaluation reads back
+    (:func:`storygptv.evaluation.classifier.score_story_folder`).
+
+    Example:
+        >>> frame_file_name(0), frame_file_name(11)
+        ('frame_001.png', 'frame_012.png')
+    """
+    return f"frame_{index + 1:03d}.png"
+
+
 def _json_type(value: Any) -> str:
     """The JSON name of a parsed value's type (what the user wrote), for error messages."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
@@ -271,7 +284,7 @@ def generate(args: argparse.Namespace) -> int:
         path.unlink()
 
     def save_frame(pipeline: Any, index: int, image: Any) -> None:
-        path = out / f"frame_{index + 1:03d}.png"
+        path = out / frame_file_name(index)
         image.save(path)  # each frame is on disk as soon as it is done
         print(f"frame {index + 1}/{len(captions)}: {path} ({time.perf_counter() - start:.1f} s)", flush=True)
 

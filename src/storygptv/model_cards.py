@@ -1,14 +1,15 @@
 """Model cards of every folder the package exports or pushes: one writer, templates in ``storygptv/hub_cards/``.
 
-=============== ================================================== ==================== ========================
-template        folder                                             library_name         pipeline_tag
-=============== ================================================== ==================== ========================
-``char_ldm``    a Char-LDM pipeline (``train_char_ldm.py``)        diffusers            text-to-image
-``storygptv``   a whole StoryGPT-V pipeline (``train_storygptv``)  diffusers            text-to-image
-``vae``         an ``AutoencoderKL`` (``train_vae.py``)            diffusers            (none)
-``story_model`` the stage-2 story model alone (``--save_story...``) transformers         (none)
-``text_lm``     a small causal LM (``train_text_lm.py``)           transformers         text-generation
-=============== ================================================== ==================== ========================
+==================== =================================================== ============ ====================
+template             folder                                              library_name pipeline_tag
+==================== =================================================== ============ ====================
+``char_ldm``         a Char-LDM pipeline (``train_char_ldm.py``)         diffusers    text-to-image
+``storygptv``        a whole StoryGPT-V pipeline (``train_storygptv``)   diffusers    text-to-image
+``vae``              an ``AutoencoderKL`` (``train_vae.py``)             diffusers    (none)
+``story_model``      the stage-2 story model alone (``--save_story...``) transformers (none)
+``text_lm``          a small causal LM (``train_text_lm.py``)            transformers text-generation
+``frame_classifier`` a frame classifier (``train_classifier.py``)        transformers image-classification
+==================== =================================================== ============ ====================
 
 The templates are Jinja templates for ``huggingface_hub.ModelCard.from_template``; they receive
 ``card_data``, ``model_name``, ``repo_id``, ``base_model``, ``dataset``, ``hyperparameters`` and ``metrics``
@@ -33,6 +34,7 @@ CARD_KINDS: dict[str, tuple[str, str | None]] = {
     "vae": ("diffusers", None),
     "story_model": ("transformers", None),
     "text_lm": ("transformers", "text-generation"),
+    "frame_classifier": ("transformers", "image-classification"),
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

@@ -32,11 +32,13 @@ from ._common import STORY_COLUMNS, multi_hot, normalize_split, story_features
 
 __all__ = [
     "DATASET_NAMES",
+    "LABEL_KINDS",
     "STORY_COLUMNS",
     "ReleaseOptions",
     "StoryFolderError",
     "CharLDMCollator",
     "StoryGPTVCollator",
+    "dataset_label_names",
     "load_flintstones",
     "load_pororo",
     "load_story_dataset",
@@ -76,6 +78,81 @@ def __getattr__(name: str) -> Any:
 DATASET_NAMES: tuple[str, ...] = ("flintstones", "pororo", "synthsv", "folder")
 
 _NAME_ALIASES = {"flintstonessv": "flintstones", "pororosv": "pororo"}
+
+
+def _dataset_key(name: str) -> str:
+    """The :data:`DATASET_NAMES` entry of a dataset name (any case, "FlintstonesSV", "pororo-sv")."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    key = _NAME_ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
+        built_in = [n for n in DATASET_NAMES if n != "folder"]
+        raise ValueError(
+            f"Unknown dataset {name!r}; valid names: {built_in}, or 'folder' for your own stories in `data_dir` "
+            "(frames, metadata.jsonl and characters/)."
+        )
+    return key
+
+
+#: Values of ``kind`` in :func:`dataset_label_names`.
+LABEL_KINDS: tuple[str, ...] = ("characters", "background")
+
+
+def dataset_label_names(
+    name: str, kind: str = "characters", data_dir: str | Path | None = None
+) -> tuple[str, ...]:
+    """The names of a dataset's label vector, in its order: what ``character_labels`` (``kind="characters"``)
+    or ``background_labels`` (``kind="background"``) of its rows index.
+
+    ========================= ============================================= ==========================================
+    dataset                   characters                                    background
+    ========================= ============================================= ==========================================
+    ``flintstones``           the 7 of :data:`~.flintstones.CHARACTERS`     ``background_000`` ... (the release's
+                                                                            ``labels_bg.pkl`` stores unnamed vectors;
+                                                                            its width is read from ``data_dir``)
+    ``pororo``                the 9 of :data:`~.pororo.CHARACTERS`          none (``ValueError``)
+    ``synthsv``               its 8 characters                              its 8 backgrounds
+    ``folder``                the cast, in file-name order of               the settings the folder names, sorted
+                              ``characters/``                               (``ValueError`` when it names none)
+    ========================= ============================================= ==========================================
+
+    Args:
+        name: a dataset name as :func:`load_story_dataset` takes it.
+        kind: ``"characters"`` or ``"background"``.
+        data_dir: the release or story folder (needed for a folder, and for FlintstonesSV backgrounds).
+
+    Example:
+        >>> dataset_label_names("synthsv", "background")[:3]
+        ('forest', 'beach', 'kitchen')
+    """
+    key = _dataset_key(name)
+    if kind not in LABEL_KINDS:
+        raise ValueError(f"Unknown label kind {kind!r}; valid kinds: {list(LABEL_KINDS)}.")
+    if key == "folder":
+        from .folder import read_story_folder
+
+        folder = read_story_folder(data_dir)
+        if kind == "characters":
+            return tuple(folder.cast)
+        if not folder.settings:
+            raise ValueError(
+                f"The story folder {str(data_dir)!r} names no `background`: it has no background labels."
+            )
+        return tuple(folder.settings)
+    if key == "synthsv":
+        from .synthsv import BACKGROUNDS, CHARACTERS
+
+        return tuple(CHARACTERS if kind == "characters" else BACKGROUNDS)
+    if key == "pororo":
+        from .pororo import CHARACTERS
+
+        if kind == "background":
+            raise ValueError("PororoSV has no background labels (its rows have empty `background_labels`).")
+        return tuple(CHARACTERS)
+    from .flintstones import CHARACTERS, background_label_width
+
+    if kind == "characters":
+        return tuple(CHARACTERS)
+    return tuple(f"background_{i:03d}" for i in range(background_label_width(data_dir)))
 
 
 def load_story_dataset(
@@ -126,14 +203,7 @@ def load_story_dataset(
         TypeError: an option the dataset does not take (the message lists the valid ones).
         FileNotFoundError: a release file is missing (the message names it and the expected layout).
     """
-    key = str(name).strip().lower().replace("-", "").replace("_", "")
-    key = _NAME_ALIASES.get(key, key)
-    if key not in DATASET_NAMES:
-        built_in = [n for n in DATASET_NAMES if n != "folder"]
-        raise ValueError(
-            f"Unknown dataset {name!r}; valid names: {built_in}, or 'folder' for your own stories in `data_dir` "
-            "(frames, metadata.jsonl and characters/)."
-        )
+    key = _dataset_key(name)
     split = normalize_split(split)
     if key == "folder":
         from .folder import load_story_folder

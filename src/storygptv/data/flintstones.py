@@ -73,6 +73,7 @@ __all__ = [
     "FEMALE",
     "LAYOUTS",
     "MALE",
+    "background_label_width",
     "canonical_character",
     "detect_layout",
     "load_flintstones",
@@ -141,6 +142,27 @@ def _first_existing(root: Path, names: tuple[str, ...], layout: str) -> Path:
     raise FileNotFoundError(f"Missing frame folder {str(root / names[0])!r}. Expected layout: {layout}")
 
 
+def _read_background_labels(path: Path) -> dict[str, Any]:
+    """``{frame id: 323-dim vector}`` of a ``labels_bg.pkl`` (``{"label": {...}}``, or the inner dict)."""
+    raw = safe_load_pickle(path)
+    raw = raw.get("label", raw) if isinstance(raw, dict) else {}
+    return {str(k): v for k, v in raw.items()}
+
+
+def background_label_width(data_dir: str | Path) -> int:
+    """The length of the background label vectors of a release (``labels_bg.pkl``; 323 in StoryGPT-V's).
+
+    Raises:
+        FileNotFoundError: the release has no ``labels_bg.pkl`` (the StoryDALL-E layout has none).
+        ValueError: the file holds no vector.
+    """
+    root = release_root(data_dir, "FlintstonesSV", " | ".join(LAYOUTS.values()))
+    (path,) = require_files(root, LAYOUTS["storygptv"], "labels_bg.pkl")
+    for vector in _read_background_labels(path).values():
+        return len(label_vector(vector))
+    raise ValueError(f"{str(path)!r} holds no background label vector.")
+
+
 def load_flintstones(
     data_dir: str | Path, split: str = "train", *, layout: str | None = None, **options: Any
 ) -> datasets.Dataset | datasets.IterableDataset:
@@ -196,11 +218,7 @@ def load_flintstones(
     followings = {str(k): [str(i) for i in v] for k, v in safe_load_dict(follow_path, layout_text).items()}
     labels_path, bg_path = root / "labels.pkl", root / "labels_bg.pkl"
     labels = {str(k): v for k, v in safe_load_dict(labels_path).items()} if labels_path.exists() else {}
-    bg_labels: dict[str, Any] = {}
-    if bg_path.exists():
-        raw = safe_load_pickle(bg_path)
-        raw = raw.get("label", raw) if isinstance(raw, dict) else {}
-        bg_labels = {str(k): v for k, v in raw.items()}
+    bg_labels = _read_background_labels(bg_path) if bg_path.exists() else {}
     mask_dir = root / "seg_mask_4x_comb"
     index_files += [split_path, follow_path, labels_path, bg_path]
     stories = chain_stories(ids, followings, frames_per_story)

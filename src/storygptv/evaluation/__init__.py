@@ -1,13 +1,17 @@
 """Evaluation: Char-Acc / Char-F1 / BG-Acc, grounding (resolved characters vs labels), the SynthSV judge,
-the caption metrics of story continuation (corpus BLEU-1..4 and CIDEr-D as coco-caption computes them), FID.
+the caption metrics of story continuation (corpus BLEU-1..4 and CIDEr-D as coco-caption computes them), the
+trainable character / background classifiers that judge generated frames of any dataset
+(:mod:`storygptv.evaluation.classifier`: ``StoryFrameClassifier``, ``score_story_folder``) and FID under a
+named protocol (:mod:`storygptv.evaluation.fid`).
 
 The judge's calibration harness is :mod:`storygptv.evaluation.synthsv_calibration` (not imported here).
 Char-Acc / Char-F1, BG-Acc, the grounding and the caption metrics are also Hugging Face ``evaluate`` modules
 shipped in the package (:mod:`storygptv.evaluation.evaluate_modules`): ``load_metric("char_acc")`` loads one
-offline. FID under a named protocol (:mod:`storygptv.evaluation.fid`) is imported on first use, as it needs
-torch.
+offline. The classifiers and FID need torch: their names are imported on first use, so the judge and the
+metrics stay light.
 """
 
+import importlib
 from typing import Any
 
 from .captions import bleu_scores, cider_score, tokenize_caption
@@ -16,6 +20,33 @@ from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics
 from .synthsv import JudgedFrame, SynthSVJudge, image_to_array, judge_frame, judge_frames, score_stories
 
+#: Names imported on first use, by module (they need torch and transformers).
+_LAZY_MODULES = {
+    ".classifier": (
+        "StoryFrameClassifier",
+        "StoryFrameClassifierConfig",
+        "check_label_set",
+        "classification_scores",
+        "classifier_pixel_values",
+        "score_frames",
+        "score_story_folder",
+        "story_folder_frames",
+    ),
+    ".fid": (
+        "FID_PROTOCOLS",
+        "FIDFrames",
+        "FIDInceptionV3",
+        "FIDResult",
+        "compute_fid",
+        "feature_statistics",
+        "fid_features",
+        "frechet_distance",
+        "load_fid_inception",
+        "select_fid_frames",
+    ),
+}
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
+
 __all__ = [
     "FID_PROTOCOLS",
     "METRIC_NAMES",
@@ -23,12 +54,17 @@ __all__ = [
     "FIDInceptionV3",
     "FIDResult",
     "JudgedFrame",
+    "StoryFrameClassifier",
+    "StoryFrameClassifierConfig",
     "SynthSVJudge",
     "background_accuracy",
     "binarize",
     "bleu_scores",
     "character_metrics",
+    "check_label_set",
     "cider_score",
+    "classification_scores",
+    "classifier_pixel_values",
     "compute_fid",
     "feature_statistics",
     "fid_features",
@@ -40,35 +76,19 @@ __all__ = [
     "load_fid_inception",
     "load_metric",
     "metric_path",
+    "score_frames",
     "score_stories",
+    "score_story_folder",
     "score_story_grounding",
     "select_fid_frames",
+    "story_folder_frames",
     "tokenize_caption",
 ]
 
-# FID needs torch; it is imported on first use so that the other metrics stay light.
-_LAZY = {
-    name: ".fid"
-    for name in (
-        "FID_PROTOCOLS",
-        "FIDFrames",
-        "FIDInceptionV3",
-        "FIDResult",
-        "compute_fid",
-        "feature_statistics",
-        "fid_features",
-        "frechet_distance",
-        "load_fid_inception",
-        "select_fid_frames",
-    )
-}
-
 
 def __getattr__(name: str) -> Any:
-    """Import the FID names on first use (``from storygptv.evaluation import compute_fid``)."""
+    """Import the classifier and FID names on first use (``from storygptv.evaluation import compute_fid``)."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

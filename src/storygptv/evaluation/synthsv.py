@@ -84,8 +84,9 @@ class JudgedFrame:
         return np.array(multi_hot(self.characters, CHARACTERS), dtype=np.int8)
 
 
-def image_to_array(image: Any, size: int = CANVAS_SIZE) -> np.ndarray:
-    """Convert an image to a ``(size, size, 3)`` uint8 RGB array (resizing with area averaging).
+def image_to_array(image: Any, size: int | None = CANVAS_SIZE) -> np.ndarray:
+    """Convert an image to a ``(size, size, 3)`` uint8 RGB array (resizing with area averaging; ``size=None``
+    keeps the image's own size).
 
     Accepts a PIL image, a numpy array or a torch tensor, ``(H, W, 3)`` / ``(H, W)`` or
     ``(3, H, W)``; integer arrays are 0-255, float arrays are ``[0, 1]`` (``[-1, 1]`` when they
@@ -118,7 +119,7 @@ def image_to_array(image: Any, size: int = CANVAS_SIZE) -> np.ndarray:
         elif array.dtype != np.uint8:
             array = np.clip(array, 0, 255).astype(np.uint8)
         pil = PIL.Image.fromarray(np.ascontiguousarray(array), mode="RGB")
-    if pil.size != (size, size):
+    if size is not None and pil.size != (size, size):
         pil = pil.resize((size, size), resample=PIL.Image.BOX)
     return np.asarray(pil, dtype=np.uint8)
 
