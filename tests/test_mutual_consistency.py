@@ -100,7 +100,6 @@ def test_story_uses_only_the_masks_of_the_frames_characters(story):
             "`mutual_attention` must be",
         ),
         ({"character_masks": [None, None]}, ValueError, "consistency='mutual'"),
-        ({"consistency": "mutual"}, ValueError, "needs `character_masks`"),
         (
             {"consistency": "mutual", "character_masks": [None]},
             ValueError,
@@ -163,3 +162,25 @@ def test_boxes_in_pixels_and_fractions():
     )
     assert torch.equal(pixels["A"], fractions["A"])
     assert pixels["A"].sum() == 16 * 16 and pixels["A"][:16, 8:24].all()
+
+
+def test_story_masks_from_cross_attention_when_none_are_given(story):
+    captions = ["The yard is empty.", "Fred and Barney are in the yard."]
+    stock = draw(story, captions)
+    seen = []
+    original = story.attention_masks
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    story.attention_masks = spy
+    processors = story.unet.attn_processors
+    out = draw(story, captions, consistency="mutual")
+    assert len(seen) == 1 and set(seen[0]) == {"Fred", "Barney"}  # only the frame with characters
+    fred, barney = seen[0]["Fred"], seen[0]["Barney"]
+    assert fred.shape == (32, 32) and fred.any() and barney.any()
+    assert not (fred.bool() & barney.bool()).any()  # no pixel belongs to both
+    assert np.array_equal(out.images[0], stock.images[0])
+    assert not np.allclose(out.images[1], stock.images[1], atol=1e-4)
+    assert all(story.unet.attn_processors[n] is p for n, p in processors.items())

@@ -423,6 +423,82 @@ class CharLDMMixin:
             raise
         return mutual
 
+    @torch.no_grad()
+    def attention_masks(
+        self,
+        latents: torch.Tensor,
+        caption: str,
+        text_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        names: list[str],
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """``{name: (height, width) mask}`` from the characters' cross-attention maps at an early step.
+
+        For a frame without user masks: the first ``max(1, num_inference_steps // 5)`` steps are sampled from
+        ``latents`` (one image, plain caption embedding, as the frame's own first steps) with the Char-LDM capture
+        processors (:func:`storygptv.install_character_attention_processors`) recording the cross-attention of
+        each name's token at the last of them. Each map is averaged over the captured layers, scaled to a maximum
+        of 1 and kept where >= 0.5, and a pixel goes to the character with the highest value (no blending). Names
+        the caption does not mention get no mask. The UNet's processors are restored afterwards; ``latents`` are
+        not changed, so the frame is then denoised from the same noise.
+        """
+        from ..attention.processors import install_character_attention_processors
+        from ..characters import find_character_tokens
+
+        mentions = find_character_tokens(
+            caption, names, self.tokenizer, max_characters=len(names), warn=False
+        )
+        if not mentions:
+            return {}
+        before = dict(self.unet.attn_processors)
+        store = install_character_attention_processors(self.unet)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            steps = max(1, num_inference_steps // 5)
+            indices = torch.tensor([[m.token_index for m in mentions]])
+            sample = latents
+            for i, t in enumerate(self.scheduler.timesteps[:steps]):
+                guided = self.do_classifier_free_guidance
+                latent_input = self.scheduler.scale_model_input(
+                    torch.cat([sample] * 2) if guided else sample, t
+                )
+                conditioning = torch.cat([negative_prompt_embeds, text_embeds]) if guided else text_embeds
+                last = i == steps - 1
+                if last:
+                    store.enable(indices.expand(latent_input.shape[0], -1))
+                noise = self.unet(
+                    latent_input, t, encoder_hidden_states=conditioning.to(self.unet.dtype), return_dict=False
+                )[0]
+                store.disable()
+                if last:
+                    break
+                if guided:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + self.guidance_scale * (text - uncond)
+                sample = self.scheduler.step(noise, t, sample, return_dict=False)[0]
+            side = latents.shape[-2:]
+            maps = []
+            for layer in store.maps.values():  # (rows, HW, K): the conditional (last) row
+                tokens = layer.shape[1]
+                h = round((tokens * side[0] / side[1]) ** 0.5)
+                grid = layer[-1].T.reshape(1, -1, h, tokens // h).float()
+                maps.append(torch.nn.functional.interpolate(grid, size=side, mode="bilinear")[0])
+            mean = torch.stack(maps).mean(0)  # (K, h, w)
+            mean = mean / mean.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]
+            value, owner = mean.max(0)
+            pixels = torch.nn.functional.interpolate(
+                torch.stack([(owner == k) & (value >= 0.5) for k in range(len(mentions))])[None].float(),
+                size=(height, width),
+                mode="nearest",
+            )[0]
+        finally:
+            self.unet.set_attn_processor(dict(before))
+        return {m.name: pixels[k].cpu() for k, m in enumerate(mentions)}
+
     # ------------------------------------------------------------------ denoising
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor

@@ -450,7 +450,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             character_masks: with ``consistency="mutual"``, one entry per caption: ``None`` or ``{name: mask or
                 box}``, a 2-D mask at the image's aspect ratio or a box ``(x0, y0, x1, y1)`` in pixels (floats in
                 [0, 1]: fractions). A pixel belongs to at most one character (largest coverage, ties to the earlier
-                name). At most ``max_characters`` (default: the fuser's) per frame.
+                name). At most ``max_characters`` (default: the fuser's) per frame. ``None`` (the whole argument):
+                each frame's masks come from its characters' cross-attention maps at an early step
+                (:meth:`attention_masks`).
             mutual_attention: ``"cache"`` (default): the portraits' keys / values are recorded once per story for
                 every step and reused by every frame; ``"recompute"``: the portraits are denoised in the same batch
                 as each frame, at every step.
@@ -472,10 +474,6 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         if character_masks is not None and consistency != "mutual":
             raise ValueError(
                 "`character_masks` are used with `consistency='mutual'`; pass that too, or no masks."
-            )
-        if consistency == "mutual" and character_masks is None:
-            raise ValueError(
-                "`consistency='mutual'` needs `character_masks`: one {name: mask or box} dict (or None) per caption."
             )
         cast = dict(characters) if isinstance(characters, Mapping) else {}
         masks = check_character_masks(
@@ -514,7 +512,8 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         # 5. consistency="mutual": the portraits of the masked characters (reference latents, descriptions, and
         #    with mutual_attention="cache" their keys / values at every step, recorded once for the story)
         mutual = None
-        names = [name for name in cast if any(name in frame for frame in masks)]
+        automatic_masks = consistency == "mutual" and character_masks is None
+        names = list(cast) if automatic_masks else [name for name in cast if any(name in f for f in masks)]
         if consistency == "mutual" and names:
             mutual = self.prepare_mutual_consistency(
                 cast,
@@ -556,7 +555,21 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                     frame_latents[index],
                 )
                 # only the characters the frame is drawn with (named or resolved) use their masks
-                frame_masks = {name: mask for name, mask in masks[index].items() if name in frame.characters}
+                present = [name for name in frame.characters if name in cast]
+                if automatic_masks and mutual is not None and present:
+                    frame_masks = self.attention_masks(
+                        frame_noise,
+                        frame.caption,
+                        frame.text_embeds,
+                        negative,
+                        present,
+                        num_inference_steps,
+                        height,
+                        width,
+                        device,
+                    )
+                else:
+                    frame_masks = {name: mask for name, mask in masks[index].items() if name in present}
                 frame_mutual = mutual if mutual is not None and mutual.set_scenes([frame_masks]) else None
                 frame_latent = self.denoise(
                     frame_noise,
