@@ -34,6 +34,9 @@ _LAZY: dict[str, str] = {
     "character_attention_loss": "attention",
     "install_character_attention_processors": "attention",
     "uninstall_character_attention_processors": "attention",
+    "MutualAttentionState": "attention",
+    "install_mutual_attention_processors": "attention",
+    "uninstall_mutual_attention_processors": "attention",
     "CharacterMention": "characters",
     "find_character_mentions": "characters",
     "find_character_tokens": "characters",
@@ -68,6 +71,7 @@ __all__ = [
     "CharacterMention",
     "FusedPromptOutput",
     "ModelLoadingError",
+    "MutualAttentionState",
     "StoryContext",
     "StoryGPTVConfig",
     "StoryGPTVForConditionalGeneration",
@@ -83,19 +87,24 @@ __all__ = [
     "find_character_tokens",
     "ground_caption",
     "install_character_attention_processors",
+    "install_mutual_attention_processors",
     "load_cast",
     "load_story_dataset",
     "make_storyboard",
     "uninstall_character_attention_processors",
+    "uninstall_mutual_attention_processors",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .attention import (
         CharacterAttentionProcessor,
         CharacterAttentionStore,
+        MutualAttentionState,
         character_attention_loss,
         install_character_attention_processors,
+        install_mutual_attention_processors,
         uninstall_character_attention_processors,
+        uninstall_mutual_attention_processors,
     )
     from .characters import CharacterMention, find_character_mentions, find_character_tokens, load_cast
     from .data import load_story_dataset

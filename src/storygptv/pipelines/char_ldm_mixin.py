@@ -31,6 +31,7 @@ from ..models.fuser import (
     encode_text,
     per_prompt,
 )
+from .mutual_consistency import MutualConsistency
 
 __all__ = ["CharLDMMixin"]
 
@@ -361,6 +362,143 @@ class CharLDMMixin:
                 )
         return list(prompt)
 
+    # ------------------------------------------------------------------ consistent characters
+    @torch.no_grad()
+    def prepare_mutual_consistency(
+        self,
+        characters: Mapping[str, Any],
+        names: list[str],
+        character_descriptions: Mapping[str, str] | None,
+        negative_prompt: str | None,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        mode: str,
+        device: torch.device,
+    ) -> MutualConsistency:
+        """The portraits of ``names`` for ``consistency="mutual"`` (see :mod:`.mutual_consistency`).
+
+        Each portrait is the character's reference image resized to ``height`` x ``width`` and VAE-encoded (the
+        latent mean), noised at every step with a fixed noise (seed 0, so the frames' generator is untouched); its
+        conditioning and MMCA description is the fused embedding of ``character_descriptions[name]`` (default: the
+        name). Installs the mutual-attention processors; with ``mode="cache"`` also records the portraits' keys and
+        values at every step. Call ``.close()`` on the result to put the UNet's processors back.
+        """
+        descriptions = dict(character_descriptions or {})
+        unknown = sorted(set(descriptions) - set(characters))
+        if unknown:
+            raise ValueError(
+                f"`character_descriptions` names {unknown}, who have no reference image in `characters`."
+            )
+        images = normalize_characters({name: characters[name] for name in names}, 1)[0]
+        pixels = self.image_processor.preprocess(list(images.values()), height=height, width=width)
+        vae_dtype = self.vae.dtype
+        latents = torch.cat(
+            [
+                self.vae.encode(pixels[i : i + 1].to(device=device, dtype=vae_dtype)).latent_dist.mean
+                for i in range(len(names))
+            ]
+        )
+        latents = latents * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(latents)
+        prompts = [descriptions.get(name, name) for name in names]
+        embeds = self.encode_characters(images, device)
+        portrait_embeds = self.encode_fused(
+            prompts,
+            character_embeds=[{name: embeds[name]} for name in names],
+            device=device,
+            warn=False,
+            warn_absent=False,
+        ).prompt_embeds
+        negative = (
+            self.encode_negative(negative_prompt, 1, device) if self.do_classifier_free_guidance else None
+        )
+        mutual = MutualConsistency(
+            self.unet, self.scheduler, list(names), latents, noise, portrait_embeds, negative, mode
+        )
+        try:
+            mutual.record(num_inference_steps, device)
+        except BaseException:
+            mutual.close()
+            raise
+        return mutual
+
+    @torch.no_grad()
+    def attention_masks(
+        self,
+        latents: torch.Tensor,
+        caption: str,
+        text_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        names: list[str],
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """``{name: (height, width) mask}`` from the characters' cross-attention maps at an early step.
+
+        For a frame without user masks: the first ``max(1, num_inference_steps // 5)`` steps are sampled from
+        ``latents`` (one image, plain caption embedding, as the frame's own first steps) with the Char-LDM capture
+        processors (:func:`storygptv.install_character_attention_processors`) recording the cross-attention of
+        each name's token at the last of them. Each map is averaged over the captured layers, scaled to a maximum
+        of 1 and kept where >= 0.5, and a pixel goes to the character with the highest value (no blending). Names
+        the caption does not mention get no mask. The UNet's processors are restored afterwards; ``latents`` are
+        not changed, so the frame is then denoised from the same noise.
+        """
+        from ..attention.processors import install_character_attention_processors
+        from ..characters import find_character_tokens
+
+        mentions = find_character_tokens(
+            caption, names, self.tokenizer, max_characters=len(names), warn=False
+        )
+        if not mentions:
+            return {}
+        before = dict(self.unet.attn_processors)
+        store = install_character_attention_processors(self.unet)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            steps = max(1, num_inference_steps // 5)
+            indices = torch.tensor([[m.token_index for m in mentions]])
+            sample = latents
+            for i, t in enumerate(self.scheduler.timesteps[:steps]):
+                guided = self.do_classifier_free_guidance
+                latent_input = self.scheduler.scale_model_input(
+                    torch.cat([sample] * 2) if guided else sample, t
+                )
+                conditioning = torch.cat([negative_prompt_embeds, text_embeds]) if guided else text_embeds
+                last = i == steps - 1
+                if last:
+                    store.enable(indices.expand(latent_input.shape[0], -1))
+                noise = self.unet(
+                    latent_input, t, encoder_hidden_states=conditioning.to(self.unet.dtype), return_dict=False
+                )[0]
+                store.disable()
+                if last:
+                    break
+                if guided:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + self.guidance_scale * (text - uncond)
+                sample = self.scheduler.step(noise, t, sample, return_dict=False)[0]
+            side = latents.shape[-2:]
+            maps = []
+            for layer in store.maps.values():  # (rows, HW, K): the conditional (last) row
+                tokens = layer.shape[1]
+                h = round((tokens * side[0] / side[1]) ** 0.5)
+                grid = layer[-1].T.reshape(1, -1, h, tokens // h).float()
+                maps.append(torch.nn.functional.interpolate(grid, size=side, mode="bilinear")[0])
+            mean = torch.stack(maps).mean(0)  # (K, h, w)
+            mean = mean / mean.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]
+            value, owner = mean.max(0)
+            pixels = torch.nn.functional.interpolate(
+                torch.stack([(owner == k) & (value >= 0.5) for k in range(len(mentions))])[None].float(),
+                size=(height, width),
+                mode="nearest",
+            )[0]
+        finally:
+            self.unet.set_attn_processor(dict(before))
+        return {m.name: pixels[k].cpu() for k, m in enumerate(mentions)}
+
     # ------------------------------------------------------------------ denoising
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
@@ -408,6 +546,7 @@ class CharLDMMixin:
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         show_progress: bool = True,
+        mutual: MutualConsistency | None = None,
     ) -> torch.Tensor:
         """Run the sampler with delayed conditioning and return the final latents.
 
@@ -415,7 +554,8 @@ class CharLDMMixin:
         on, on ``fused_embeds``. (The public StoryGPT-V code uses ``i <= start_merge_step``; our
         ``start_merge_step + 1`` reproduces it.) A step callback may return replacements for ``latents``,
         ``prompt_embeds`` (the conditioning of the current phase) and ``negative_prompt_embeds``; they last
-        until the end of this call of ``denoise``.
+        until the end of this call of ``denoise``. With ``mutual`` (``consistency="mutual"``, its scenes set), every
+        UNet call attends to the characters' portraits (:meth:`MutualConsistency.predict`).
         """
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -437,13 +577,18 @@ class CharLDMMixin:
                 else:
                     latent_input, conditioning = latents, prompt_embeds
                 latent_input = self.scheduler.scale_model_input(latent_input, t)
-                noise_pred = self.unet(
-                    latent_input,
-                    t,
-                    encoder_hidden_states=conditioning.to(unet_dtype),
-                    cross_attention_kwargs=self.cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
+                if mutual is None:
+                    noise_pred = self.unet(
+                        latent_input,
+                        t,
+                        encoder_hidden_states=conditioning.to(unet_dtype),
+                        cross_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                else:
+                    noise_pred = mutual.predict(
+                        latent_input, t, i, conditioning.to(unet_dtype), self.cross_attention_kwargs
+                    )
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)

@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTraine
 
 from ..models.fuser import CharacterFuser
 from .char_ldm_mixin import CharLDMMixin
+from .mutual_consistency import check_character_masks, check_consistency
 
 __all__ = ["CharLDMPipeline", "CharLDMPipelineOutput"]
 
@@ -110,6 +111,10 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
         cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        consistency: str | None = None,
+        character_masks: list[Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
+        mutual_attention: str = "cache",
+        character_descriptions: Mapping[str, str] | None = None,
     ) -> CharLDMPipelineOutput | tuple:
         r"""Generate one image per caption (times ``num_images_per_prompt``).
 
@@ -144,6 +149,19 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
                 step; it returns a dict that may replace ``latents`` / ``prompt_embeds`` /
                 ``negative_prompt_embeds``.
             callback_on_step_end_tensor_inputs: which tensors the callback receives (default ``["latents"]``).
+            consistency: ``None`` (default) or ``"mutual"``: each character with a mask attends, inside its mask,
+                to its portrait in self-attention (MMSA) and to its description in cross-attention (MMCA), as in
+                DreamStory; see :mod:`storygptv.attention.mutual`. The portrait is the character's reference image
+                in ``characters``, VAE-encoded and noised to each step (exact identity, no extra sampling chain,
+                the images' generator untouched). Images without masks are drawn as with ``None``.
+            character_masks: with ``consistency="mutual"``, per caption ``None`` or ``{name: mask or box}`` (a
+                list with one entry per caption, or one dict for a single caption): a 2-D mask at the image's
+                aspect ratio, or a box ``(x0, y0, x1, y1)`` in pixels (floats in [0, 1]: fractions). A pixel
+                belongs to at most one character (largest coverage, ties to the earlier name).
+            mutual_attention: ``"cache"`` (default): the portraits' keys / values are recorded once per call for
+                every step and reused; ``"recompute"``: the portraits are denoised in the same batch at every step.
+            character_descriptions: ``{name: portrait prompt}`` (default: the name), the portraits' conditioning
+                and the MMCA description.
 
         Returns:
             :class:`CharLDMPipelineOutput` (or ``(images,)`` when ``return_dict=False``).
@@ -158,6 +176,26 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
         self.check_generator(generator)
+        check_consistency(consistency, mutual_attention)
+        num_prompts = (
+            prompt_embeds.shape[0] if prompt_embeds is not None else len(self.as_prompt_list(prompt))
+        )
+        cast = {}
+        for entry in characters if isinstance(characters, list | tuple) else [characters]:
+            if isinstance(entry, Mapping):
+                cast.update(entry)
+        if character_masks is not None and consistency != "mutual":
+            raise ValueError(
+                "`character_masks` are used with `consistency='mutual'`; pass that too, or no masks."
+            )
+        masks = check_character_masks(
+            character_masks,
+            num_prompts,
+            height,
+            width,
+            list(cast),
+            max_characters or self.fuser.config.max_characters,
+        )
         device = self._execution_device
 
         # 2. Encode the captions: fused conditioning + the plain embedding of the delayed conditioning
@@ -207,20 +245,42 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
             latents,
         )
 
-        # 5. Denoise with delayed conditioning
-        latents = self.denoise(
-            latents,
-            text_embeds,
-            fused_embeds,
-            negative_prompt_embeds,
-            num_inference_steps,
-            start_merge_step,
-            device,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
+        # 5. consistency="mutual": the portraits (reference latents, descriptions, cache) and each image's masks
+        mutual = None
+        names = [name for name in cast if any(name in frame for frame in masks)]
+        if consistency == "mutual" and names:
+            mutual = self.prepare_mutual_consistency(
+                cast,
+                names,
+                character_descriptions,
+                negative_prompt if isinstance(negative_prompt, str) else None,
+                height,
+                width,
+                num_inference_steps,
+                mutual_attention,
+                device,
+            )
+            mutual.set_scenes([masks[b // num_images_per_prompt] for b in range(latents.shape[0])])
 
-        # 6. Decode and post-process
+        # 6. Denoise with delayed conditioning
+        try:
+            latents = self.denoise(
+                latents,
+                text_embeds,
+                fused_embeds,
+                negative_prompt_embeds,
+                num_inference_steps,
+                start_merge_step,
+                device,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                mutual=mutual,
+            )
+        finally:
+            if mutual is not None:
+                mutual.close()
+
+        # 7. Decode and post-process
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

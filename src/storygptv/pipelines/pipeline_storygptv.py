@@ -23,6 +23,7 @@ from ..models.modeling_storygptv import StoryGPTVForConditionalGeneration
 from ..models.processing_storygptv import StoryGPTVProcessor
 from ..models.story_context import StoryContext
 from .char_ldm_mixin import CharLDMMixin
+from .mutual_consistency import check_character_masks, check_consistency
 
 __all__ = [
     "GROUNDING_MODES",
@@ -392,6 +393,10 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         callback_on_frame_end: Callable[[StoryGPTVPipeline, int, PIL.Image.Image], None] | None = None,
+        consistency: str | None = None,
+        character_masks: list[Mapping[str, Any] | None] | None = None,
+        mutual_attention: str = "cache",
+        character_descriptions: Mapping[str, str] | None = None,
     ) -> StoryGPTVPipelineOutput | tuple:
         r"""Generate one image per caption of a story.
 
@@ -434,6 +439,25 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs: tensors the callback receives (default ``["latents"]``).
             callback_on_frame_end: called as ``callback(pipe, frame_index, image)`` with each finished frame as a
                 PIL image, e.g. to save frames of a long story as they come.
+            consistency: ``None`` (default) or ``"mutual"``: keeps characters consistent across frames from their
+                portraits with DreamStory's masked mutual attention (:mod:`storygptv.attention.mutual`): inside its
+                mask, a character attends to its portrait in self-attention (MMSA) and to its description in
+                cross-attention (MMCA). The portrait is the character's reference image in ``characters``,
+                VAE-encoded and noised to each step: exact identity from the first step, one VAE encode per
+                character, no extra sampling chain, and the frames' generator untouched. Only the characters the
+                frame is drawn with (``output.characters``: named, or resolved by the story model with
+                ``grounding="fuse"``) use their masks; frames with none are drawn exactly as with ``None``.
+            character_masks: with ``consistency="mutual"``, one entry per caption: ``None`` or ``{name: mask or
+                box}``, a 2-D mask at the image's aspect ratio or a box ``(x0, y0, x1, y1)`` in pixels (floats in
+                [0, 1]: fractions). A pixel belongs to at most one character (largest coverage, ties to the earlier
+                name). At most ``max_characters`` (default: the fuser's) per frame. ``None`` (the whole argument):
+                each frame's masks come from its characters' cross-attention maps at an early step
+                (:meth:`attention_masks`).
+            mutual_attention: ``"cache"`` (default): the portraits' keys / values are recorded once per story for
+                every step and reused by every frame; ``"recompute"``: the portraits are denoised in the same batch
+                as each frame, at every step.
+            character_descriptions: ``{name: portrait prompt}`` (default: the name), the portraits' conditioning
+                and the MMCA description.
 
         Returns:
             :class:`StoryGPTVPipelineOutput`, or ``(images, conditionings)`` when ``return_dict=False``.
@@ -446,6 +470,20 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         frame_latents = self.check_frame_latents(latents, len(captions), height, width)
         if characters is not None and character_embeds is not None:
             raise ValueError("Pass either `characters` (reference images) or `character_embeds`, not both.")
+        check_consistency(consistency, mutual_attention)
+        if character_masks is not None and consistency != "mutual":
+            raise ValueError(
+                "`character_masks` are used with `consistency='mutual'`; pass that too, or no masks."
+            )
+        cast = dict(characters) if isinstance(characters, Mapping) else {}
+        masks = check_character_masks(
+            character_masks,
+            len(captions),
+            height,
+            width,
+            list(cast),
+            max_characters or self.fuser.config.max_characters,
+        )
         device = self._execution_device
 
         # 2. Encode the cast once for the whole story (reference images are read before any long work)
@@ -471,55 +509,96 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         )
         self._story_context = context
 
-        # 5. Each frame: conditioning -> latents -> denoise -> decode -> commit to the story context
-        images, drawn = [], []
-        for index in self.progress_bar(range(len(captions))):
-            self._current_frame = index
-            self._guidance_scale = guidance_scale  # what a step callback changed lasts one frame
-            frame = self.frame_conditioning(
-                context,
-                captions[index],
-                character_embeds,
-                grounding,
-                start_merge_step,
-                max_characters,
-                device,
-            )
-            frame_generator = generator[index] if isinstance(generator, list) else generator
-            frame_noise = self.prepare_latents(
-                1,
-                self.unet.config.in_channels,
+        # 5. consistency="mutual": the portraits of the masked characters (reference latents, descriptions, and
+        #    with mutual_attention="cache" their keys / values at every step, recorded once for the story)
+        mutual = None
+        automatic_masks = consistency == "mutual" and character_masks is None
+        names = list(cast) if automatic_masks else [name for name in cast if any(name in f for f in masks)]
+        if consistency == "mutual" and names:
+            mutual = self.prepare_mutual_consistency(
+                cast,
+                names,
+                character_descriptions,
+                negative_prompt,
                 height,
                 width,
-                frame.conditioning.dtype,
-                device,
-                frame_generator,
-                frame_latents[index],
-            )
-            frame_latent = self.denoise(
-                frame_noise,
-                frame.text_embeds,
-                frame.conditioning,
-                negative,
                 num_inference_steps,
-                frame.merge_step,
+                mutual_attention,
                 device,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-                show_progress=False,
             )
-            image = self.decode_latents(frame_latent, "pt")  # (1, 3, H, W) in [0, 1]
-            pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(image))
-            # The generated frame, not a ground-truth one, becomes the next frames' visual context.
-            embeds = encode_story_images(pil, self.image_encoder, self.feature_extractor)
-            # A restating model's history holds its restatements (names and setting explicit).
-            context.append_frame(embeds.to(self.story_model.dtype), frame.restated or captions[index])
-            if callback_on_frame_end is not None:
-                callback_on_frame_end(self, index, pil[0])
-            images.append(frame_latent if output_type == "latent" else image)
-            drawn.append(frame)
 
-        # 6. Post-process and return
+        # 6. Each frame: conditioning -> latents -> denoise (attending to the portraits of its masked characters)
+        #    -> decode -> commit to the story context
+        images, drawn = [], []
+        try:
+            for index in self.progress_bar(range(len(captions))):
+                self._current_frame = index
+                self._guidance_scale = guidance_scale  # what a step callback changed lasts one frame
+                frame = self.frame_conditioning(
+                    context,
+                    captions[index],
+                    character_embeds,
+                    grounding,
+                    start_merge_step,
+                    max_characters,
+                    device,
+                )
+                frame_generator = generator[index] if isinstance(generator, list) else generator
+                frame_noise = self.prepare_latents(
+                    1,
+                    self.unet.config.in_channels,
+                    height,
+                    width,
+                    frame.conditioning.dtype,
+                    device,
+                    frame_generator,
+                    frame_latents[index],
+                )
+                # only the characters the frame is drawn with (named or resolved) use their masks
+                present = [name for name in frame.characters if name in cast]
+                if automatic_masks and mutual is not None and present:
+                    frame_masks = self.attention_masks(
+                        frame_noise,
+                        frame.caption,
+                        frame.text_embeds,
+                        negative,
+                        present,
+                        num_inference_steps,
+                        height,
+                        width,
+                        device,
+                    )
+                else:
+                    frame_masks = {name: mask for name, mask in masks[index].items() if name in present}
+                frame_mutual = mutual if mutual is not None and mutual.set_scenes([frame_masks]) else None
+                frame_latent = self.denoise(
+                    frame_noise,
+                    frame.text_embeds,
+                    frame.conditioning,
+                    negative,
+                    num_inference_steps,
+                    frame.merge_step,
+                    device,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    show_progress=False,
+                    mutual=frame_mutual,
+                )
+                image = self.decode_latents(frame_latent, "pt")  # (1, 3, H, W) in [0, 1]
+                pil = self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(image))
+                # The generated frame, not a ground-truth one, becomes the next frames' visual context.
+                embeds = encode_story_images(pil, self.image_encoder, self.feature_extractor)
+                # A restating model's history holds its restatements (names and setting explicit).
+                context.append_frame(embeds.to(self.story_model.dtype), frame.restated or captions[index])
+                if callback_on_frame_end is not None:
+                    callback_on_frame_end(self, index, pil[0])
+                images.append(frame_latent if output_type == "latent" else image)
+                drawn.append(frame)
+        finally:
+            if mutual is not None:
+                mutual.close()
+
+        # 7. Post-process and return
         self._guidance_scale = guidance_scale
         self._story_context = None
         self.maybe_free_model_hooks()
