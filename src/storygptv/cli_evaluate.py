@@ -52,6 +52,7 @@ def add_evaluate_parser(commands: Any) -> argparse.ArgumentParser:
         help="the downloaded release (FlintstonesSV, PororoSV); SynthSV needs none",
     )
     parser.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
+    parser.add_argument("--cache_dir", default=None, help="cache of the loaded release (default: datasets')")
     parser.add_argument(
         "--classifier",
         nargs="+",
@@ -117,7 +118,7 @@ def add_evaluate_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def _fail(option: str, error: Exception) -> SystemExit:
-    return SystemExit(f"error: {option} {error}")
+    return SystemExit(f"error: {option}: {error}")
 
 
 def _load_dataset(args: argparse.Namespace, num_stories: int | None) -> Any:
@@ -125,10 +126,14 @@ def _load_dataset(args: argparse.Namespace, num_stories: int | None) -> Any:
 
     try:
         return load_story_dataset(
-            args.dataset, data_dir=args.data_dir, split=args.split, num_stories=num_stories
+            args.dataset,
+            data_dir=args.data_dir,
+            split=args.split,
+            num_stories=num_stories,
+            cache_dir=args.cache_dir,
         )
     except (ValueError, TypeError, FileNotFoundError, OSError) as error:
-        raise _fail(f"--dataset {args.dataset} --data_dir {args.data_dir!r}:", error) from error
+        raise _fail(f"--dataset {args.dataset} --data_dir {args.data_dir!r}", error) from error
 
 
 def _cast(args: argparse.Namespace, folder: Path | None, rows: list[dict[str, Any]]) -> dict[str, str]:

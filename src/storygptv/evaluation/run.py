@@ -236,7 +236,7 @@ def generate_stories(
     for count, (index, row) in enumerate(todo, start=1):
         story_id = str(row["story_id"])
         folder = root / story_id
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)  # PororoSV story ids hold a '/'
         (folder / STORY_FILE).unlink(missing_ok=True)  # an unfinished story is drawn again, whole
         captions = [str(c) for c in row[settings.caption_column]]
         seed = settings.seed + index
