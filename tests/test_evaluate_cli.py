@@ -198,7 +198,10 @@ def test_an_interrupted_evaluation_draws_only_the_unfinished_stories(
     assert json.loads((out / "results.json").read_text())["metrics"] == before
     # The stories read back without a model (--generated_dir) give the same numbers too.
     _evaluate(tmp_path / "read_back", "--generated_dir", stories_dir, stories=3)
-    assert json.loads((tmp_path / "read_back" / "results.json").read_text())["metrics"] == before
+    read_back = json.loads((tmp_path / "read_back" / "results.json").read_text())
+    assert (
+        read_back["metrics"] == before and read_back["seeds"] == [0, 1, 2] and read_back["generation"] is None
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -237,6 +240,9 @@ def test_bad_input_is_one_line_before_anything_is_drawn(
     missing.unlink()
     message = _fails(capsys, out, "--generated_dir", generated)
     assert "--generated_dir" in message and str(missing) in message
+    # The same folder with --model: its frames were drawn elsewhere, and drawing would overwrite them.
+    message = _fails(capsys, out, "--generated_dir", generated, model=model_dir)
+    assert "--generated_dir" in message and "no generation.json" in message
     # No model and no stories; a flintstones run without a classifier.
     assert "--model" in _fails(capsys, out)
     with pytest.raises(SystemExit, match="--classifier is required on flintstones"):

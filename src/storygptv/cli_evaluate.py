@@ -172,6 +172,7 @@ def evaluate(args: argparse.Namespace) -> int:
         check_classifiers,
         check_generation_settings,
         evaluation_rows,
+        read_story_meta,
         score_generated_stories,
     )
 
@@ -233,7 +234,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from .evaluation.classifier import StoryFrameClassifier
 
     classifiers = {
-        task: StoryFrameClassifier.from_pretrained(path).eval() for task, path in classifier_dirs.items()
+        task: StoryFrameClassifier.from_pretrained(path).eval().to(device)
+        for task, path in classifier_dirs.items()
     }
     start = time.perf_counter()
     drawn = 0
@@ -270,7 +272,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "stories_dir": str(stories_dir),
         "caption_column": caption_column,
         "generation": settings.to_dict() if settings is not None else None,
-        "seeds": [args.seed + i for i in range(len(rows))],
+        # As recorded by each story (None for a story folder drawn elsewhere, without story.json).
+        "seeds": [(read_story_meta(stories_dir / str(row["story_id"])) or {}).get("seed") for row in rows],
         "stories_drawn_by_this_run": drawn,
         "classifiers": {task: str(path) for task, path in classifier_dirs.items()},
         "fid": scores["fid"],

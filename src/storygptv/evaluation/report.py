@@ -99,7 +99,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append(
             f"- Generation: {generation['steps']} steps, guidance {generation['guidance_scale']}, grounding "
             f"{generation['grounding'] or 'default'}; story i drawn with seed {generation['seed']} + i "
-            f"(seeds {results['seeds'][0]}-{results['seeds'][-1]})"
+            f"(seeds {results['seeds'][0]}-{results['seeds'][-1]}, see results.json)"
         )
     if dataset == "synthsv":
         lines.append(

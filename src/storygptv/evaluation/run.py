@@ -147,9 +147,18 @@ def evaluation_rows(dataset: Any, num_stories: int | None = None) -> list[dict[s
 
 
 def check_generation_settings(stories_dir: str | os.PathLike, settings: GenerationSettings) -> None:
-    """Refuse (``ValueError``) a story folder whose ``generation.json`` records other settings."""
-    path = Path(stories_dir) / GENERATION_FILE
+    """Refuse (``ValueError``) a story folder whose ``generation.json`` records other settings, or a folder
+    that holds files but no ``generation.json`` (stories drawn elsewhere: drawing would overwrite them)."""
+    root = Path(stories_dir)
+    path = root / GENERATION_FILE
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{str(root)!r} is a file, not a folder.")
     if not path.is_file():
+        if root.is_dir() and any(root.iterdir()):
+            raise ValueError(
+                f"{str(root)!r} holds files but no {GENERATION_FILE}, so its stories were not drawn by this "
+                "command; score them without --model, or draw into an empty folder."
+            )
         return
     try:
         earlier = json.loads(path.read_text())
