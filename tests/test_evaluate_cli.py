@@ -313,3 +313,32 @@ def test_pororo_has_no_background_columns_and_refuses_a_background_classifier(tm
 def _pororo_story_id(out):
     (story_json,) = (out / "stories").rglob("story.json")
     return json.loads(story_json.read_text())["story_id"]
+
+
+# ------------------------------------------------------------------------------------------------ FlintstonesSV
+def test_flintstones_scores_characters_and_backgrounds(tmp_path, model_dir):
+    from tests.fixtures.story_releases import write_flintstones_storygptv
+
+    data_dir = tmp_path / "flintstones"
+    write_flintstones_storygptv(data_dir)
+    chars = _save_classifier(tmp_path / "chars", dataset_label_names("flintstones"))
+    background = _save_classifier(
+        tmp_path / "bg", dataset_label_names("flintstones", "background", data_dir), "background"
+    )
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--dataset",
+        "flintstones",
+        "--data_dir",
+        str(data_dir),
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
+    args += ["--out", str(out), "--model", str(model_dir), "--steps", "1", "--stories", "1"]
+    assert main(args + ["--classifier", str(chars), str(background)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"char_acc", "char_f1", "bg_acc", "bg_f1"} <= set(results["metrics"])
+    assert "judge_char_acc" not in results["metrics"]  # the render-exact judge is SynthSV's only
+    table = (out / "results.md").read_text()
+    assert "## FlintstonesSV (test split, 1 story, 4 frames)" in table and "| BG-F1 ↑ | FID ↓ |" in table

@@ -57,6 +57,10 @@ def _columns(dataset: str) -> list[tuple[str, str]]:
     return columns
 
 
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
 def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -73,7 +77,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     fid = results["fid"]
     generation = results.get("generation") or {}
     lines = [
-        f"## {title} ({results['split']} split, {results['num_stories']} stories, {metrics['num_frames']} frames)",
+        f"## {title} ({results['split']} split, {_count(results['num_stories'], 'story', 'stories')}, "
+        f"{_count(metrics['num_frames'], 'frame', 'frames')})",
         "",
         header,
         rule,
