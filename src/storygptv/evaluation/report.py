@@ -90,7 +90,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             if fid.get("skipped")
             else f" ({fid['num_generated_frames']} generated / {fid['num_real_frames']} real frames"
             + (
-                f", {fid['num_dropped_stories']} tail stories dropped"
+                f", {_count(fid['num_dropped_stories'], 'tail story', 'tail stories')} dropped"
                 if fid.get("num_dropped_stories")
                 else ""
             )
@@ -102,7 +102,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     ]
     if generation:
         lines.append(
-            f"- Generation: {generation['steps']} steps, guidance {generation['guidance_scale']}, grounding "
+            f"- Generation: {_count(generation['steps'], 'step', 'steps')}, guidance "
+            f"{generation['guidance_scale']}, grounding "
             f"{generation['grounding'] or 'default'}; story i drawn with seed {generation['seed']} + i "
             f"(seeds {results['seeds'][0]}-{results['seeds'][-1]}, see results.json)"
         )
