@@ -1,8 +1,9 @@
 """``storygptv evaluate``: one command from a model to a Table 1 row, resumable, bad input refused first.
 
-Everything is tiny and offline: a tiny StoryGPT-V pipeline (32 px, 1 denoising step), SynthSV stories (generated,
-no download), tiny ResNet classifiers saved to folders, and a 1/16-width FID Inception (the command's loader is
-swapped for one that reads that width; the real loader is what refuses a file of the wrong shape).
+Everything is tiny and offline: a tiny StoryGPT-V pipeline (32 px, 1 denoising step), SynthSV stories
+(generated, no download), tiny ResNet classifiers saved to folders, and a 1/16-width FID Inception (the
+command's loader is swapped for one that reads that width; the real loader is what refuses a file of the wrong
+shape).
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def _pororo_story_id(out):
     return json.loads(story_json.read_text())["story_id"]
 
 
-# ------------------------------------------------------------------------------------------------ FlintstonesSV
+# -------------------------------------------------------------------------------------------- FlintstonesSV
 def test_flintstones_scores_characters_and_backgrounds(tmp_path, model_dir):
     from tests.fixtures.story_releases import write_flintstones_storygptv
 

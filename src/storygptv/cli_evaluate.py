@@ -67,7 +67,8 @@ def add_evaluate_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--fid_protocol",
         default="clean",
-        help="clean (default: pytorch-fid, every real test frame), storygptv (the paper's eval_all.py, paired, "
+        help="clean (default: pytorch-fid, every real test frame), storygptv (the paper's eval_all.py, "
+        "paired, "
         "batches of 16 stories) or arldm64 (AR-LDM's 64-px resize, paired)",
     )
     parser.add_argument(
@@ -153,7 +154,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if args.fid_protocol not in FID_PROTOCOLS:
         raise SystemExit(
-            f"error: --fid_protocol {args.fid_protocol!r} is unknown; choose one of {', '.join(FID_PROTOCOLS)}."
+            f"error: --fid_protocol {args.fid_protocol!r} is unknown; choose one of "
+            f"{', '.join(FID_PROTOCOLS)}."
         )
     if args.model is None and args.generated_dir is None:
         raise SystemExit(
@@ -200,7 +202,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from error
     if inception is not None and args.fid_protocol == "storygptv" and len(rows) < STORYGPTV_STORY_BATCH:
         raise SystemExit(
-            f"error: --fid_protocol storygptv drops the last incomplete batch of {STORYGPTV_STORY_BATCH} stories; "
+            "error: --fid_protocol storygptv drops the last incomplete batch of "
+            f"{STORYGPTV_STORY_BATCH} stories; "
             f"--stories {len(rows)} leaves none. Evaluate at least {STORYGPTV_STORY_BATCH} stories."
         )
     stories_dir = Path(args.generated_dir) if args.generated_dir else out / "stories"

@@ -1,4 +1,4 @@
-"""The reports of ``storygptv evaluate``: ``results.json`` (everything) and ``results.md`` (the paper's Table 1).
+"""The reports of ``storygptv evaluate``: ``results.json`` (everything) and ``results.md`` (Table 1's row).
 
 The markdown table has the columns of the paper's Table 1: Char-Acc, Char-F1, BG-Acc and BG-F1 where the
 dataset has backgrounds (not PororoSV), FID; on SynthSV it adds the render-exact judge (Char-Acc, Char-F1,

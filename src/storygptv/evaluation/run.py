@@ -11,14 +11,14 @@ the command uses them, so that every bad input is refused before any long work:
    run never mixes stories of two models or two seeds.
 5. :func:`generate_stories`: the stories not finished yet, written one sub-folder per story::
 
-       STORIES/<story_id>/frame_001.png ... frame_NNN.png   (cli.frame_file_name)
-       STORIES/<story_id>/story.json                         (captions, seed, resolved characters; written last)
-       STORIES/generation.json                               (the run's settings)
+       STORIES/<story_id>/frame_001.png ... (cli.frame_file_name)
+       STORIES/<story_id>/story.json        (captions, seed, resolved characters; written last)
+       STORIES/generation.json              (the run's settings)
 
    A story is finished when its ``story.json`` and every frame exist; an interrupted run regenerates only the
    story it was drawing.
-6. :func:`score_generated_stories`: Char-Acc / Char-F1 / BG-Acc / BG-F1 with the trained classifiers, FID under
-   the named protocol, and on SynthSV the render-exact judge and the grounding metric.
+6. :func:`score_generated_stories`: Char-Acc / Char-F1 / BG-Acc / BG-F1 with the trained classifiers, FID
+   under the named protocol, and on SynthSV the render-exact judge and the grounding metric.
 
 The JSON and markdown reports are written by :mod:`storygptv.evaluation.report`.
 """
@@ -74,7 +74,7 @@ class GenerationSettings:
         model: the pipeline folder or Hub id.
         dataset / split: where the stories come from.
         caption_column: ``"referential_captions"`` (pronouns, the paper's setting) or ``"captions"``.
-        steps / guidance_scale / grounding: the pipeline's settings (``grounding=None``: the pipeline's default).
+        steps / guidance_scale / grounding: the pipeline's settings (``grounding=None``: its default).
         seed: story ``i`` of the split is drawn with ``torch.Generator().manual_seed(seed + i)``.
     """
 
@@ -138,7 +138,7 @@ def check_classifiers(
 
 
 def evaluation_rows(dataset: Any, num_stories: int | None = None) -> list[dict[str, Any]]:
-    """The first ``num_stories`` rows of a story dataset, text and label columns only (no image is decoded)."""
+    """The first ``num_stories`` rows of a story dataset: text and label columns, no image decoded."""
     if num_stories is not None and num_stories > len(dataset):
         raise ValueError(f"--stories {num_stories}: the split has only {len(dataset)} stories.")
     subset = dataset if num_stories is None else dataset.select(range(num_stories))
