@@ -1,4 +1,5 @@
-"""The ``storygptv`` command line: ``storygptv generate --story FILE --out DIR [options]``.
+"""The ``storygptv`` command line: ``storygptv generate --story FILE --out DIR [options]`` and
+``storygptv evaluate --model M --dataset D ... --out DIR`` (:mod:`storygptv.cli_evaluate`).
 
 It imports neither torch nor diffusers until a story is really drawn, so ``--help`` answers at once.
 """
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and compute type (default: float16 on CUDA, float32 otherwise)",
     )
     gen.set_defaults(func=generate)
+    from .cli_evaluate import add_evaluate_parser
+
+    add_evaluate_parser(commands)
     return parser
 
 

@@ -20,7 +20,8 @@ from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics
 from .synthsv import JudgedFrame, SynthSVJudge, image_to_array, judge_frame, judge_frames, score_stories
 
-#: Names imported on first use, by module (they need torch and transformers).
+#: Names imported on first use, by module (they need torch and transformers; ``.run`` and ``.report`` are the
+#: library of ``storygptv evaluate``).
 _LAZY_MODULES = {
     ".classifier": (
         "StoryFrameClassifier",
@@ -44,6 +45,17 @@ _LAZY_MODULES = {
         "load_fid_inception",
         "select_fid_frames",
     ),
+    ".run": (
+        "GenerationSettings",
+        "check_classifiers",
+        "check_generation_settings",
+        "evaluation_rows",
+        "finished_stories",
+        "generate_stories",
+        "read_story_meta",
+        "score_generated_stories",
+    ),
+    ".report": ("package_versions", "results_markdown", "write_results"),
 }
 _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
@@ -53,6 +65,7 @@ __all__ = [
     "FIDFrames",
     "FIDInceptionV3",
     "FIDResult",
+    "GenerationSettings",
     "JudgedFrame",
     "StoryFrameClassifier",
     "StoryFrameClassifierConfig",
@@ -61,14 +74,19 @@ __all__ = [
     "binarize",
     "bleu_scores",
     "character_metrics",
+    "check_classifiers",
+    "check_generation_settings",
     "check_label_set",
     "cider_score",
     "classification_scores",
     "classifier_pixel_values",
     "compute_fid",
+    "evaluation_rows",
     "feature_statistics",
     "fid_features",
+    "finished_stories",
     "frechet_distance",
+    "generate_stories",
     "grounding_metrics",
     "image_to_array",
     "judge_frame",
@@ -76,13 +94,18 @@ __all__ = [
     "load_fid_inception",
     "load_metric",
     "metric_path",
+    "package_versions",
+    "read_story_meta",
+    "results_markdown",
     "score_frames",
+    "score_generated_stories",
     "score_stories",
     "score_story_folder",
     "score_story_grounding",
     "select_fid_frames",
     "story_folder_frames",
     "tokenize_caption",
+    "write_results",
 ]
 
 
