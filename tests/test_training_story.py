@@ -272,6 +272,14 @@ def test_stage2_restating_model_trains_validates_and_draws(stage2, char_ldm_dir,
     with pytest.raises(SystemExit):  # a restatement is learned through L_gen
         stage2.parse_args(stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, "--grounding", "restate",
                                       "--gen_loss_weight", 0))  # fmt: skip
+    # Continuing the model (as the README's fine-tuning does with the default) keeps its design unasked;
+    # a new model gets the paper's.
+    cont = stage2.parse_args(
+        stage2_argv(char_ldm_dir, lm_dir, targets_dir, work / "cont", "--story_model_name_or_path", out)
+    )
+    assert (cont.grounding, cont.mapper_queries) == ("restate", cfg.mapper_queries)
+    new = stage2.parse_args(stage2_argv(char_ldm_dir, lm_dir, targets_dir, work / "new"))
+    assert (new.grounding, new.mapper_queries) == ("none", "learned")
 
 
 def test_stage2_design_options_train_and_ground(stage2, precompute, char_ldm_dir, lm_dir, targets_dir, work):

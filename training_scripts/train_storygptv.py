@@ -217,9 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--mapper_queries",
         choices=("learned", "caption"),
-        default="learned",
+        default=None,
         help="learned: the paper's learned queries; caption: the mapper starts from the frame's caption encoding "
-        "and adds a residual.",
+        "and adds a residual. Default: the continued story model's own, else learned.",
     )
     g.add_argument(
         "--restored_anchor_prob",
@@ -232,12 +232,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grounding",
         nargs="?",
         const="head",
-        default="none",
+        default=None,
         choices=("none", "head", "restate"),
         help="How the story model grounds frames: 'head' (also plain --grounding): a multi-label head on the "
         "[IMG] states, trained on the targets' character / setting labels; 'restate': the LLM restates each "
         "caption with its characters and setting filled in before its [IMG] tokens (L_gen on the original "
-        "captions) and reads a restated history; 'none' (default, the paper).",
+        "captions) and reads a restated history; 'none' (the paper). Default: the continued story model's own, "
+        "else none.",
     )
     g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM fully frozen).")
     g.add_argument("--lora_alpha", type=float, default=16.0)
@@ -289,6 +290,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Save only the story model + tokenizer instead of the whole StoryGPTVPipeline.",
     )
     args = parser.parse_args(argv)
+    try:
+        resolve_story_design(args)
+    except (OSError, ValueError, TrainingSetupError) as error:
+        parser.error(f"--story_model_name_or_path: {error}")
     weights = dict(STAGE2_LOSS_PRESETS[args.loss_preset])
     for key in ("gen", "align", "img"):
         value = getattr(args, f"{key}_loss_weight")
@@ -325,6 +330,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.validation_steps < 1:
         parser.error("--validation_steps must be >= 1.")
     return args
+
+
+def resolve_story_design(args: argparse.Namespace) -> None:
+    """Fill ``--mapper_queries`` / ``--grounding`` when not given: a continued story model keeps its own design
+    (so fine-tuning the default needs no flags restating it); a new one gets the paper's (learned, none)."""
+    if args.mapper_queries is not None and args.grounding is not None:
+        return
+    design = {"mapper_queries": "learned", "grounding": "none"}
+    if args.story_model_name_or_path:
+        from storygptv.models.configuration_storygptv import StoryGPTVConfig
+
+        path, kwargs = story_model_source(args.story_model_name_or_path)
+        config = StoryGPTVConfig.from_pretrained(path, subfolder=kwargs.get("subfolder", ""))
+        design = {"mapper_queries": config.mapper_queries, "grounding": config.grounding}
+    for key, value in design.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # ---------------------------------------------------------------------------------------------- model
