@@ -318,6 +318,20 @@ def test_restating_context_equals_the_full_forward_and_generation_stops():
         StoryContext(model).read_next_frame(caps[2])
 
 
+def test_restatement_never_writes_the_layout_tokens():
+    # A model that prefers an [IMG] or image token (here: forced at every step) still restates in words; before,
+    # the stray [IMG] token reached the next forward and broke the [IMG]-run check mid-story.
+    model, tok = tiny_story_model(grounding="restate", max_restate_tokens=4)
+    layout = [model.config.image_token_id, *model.config.img_token_ids]
+    with torch.no_grad():  # the tied embedding rows of the layout tokens dominate every logit
+        model.get_input_embeddings().weight[layout] *= 1e3
+    context = StoryContext(model, StoryGPTVProcessor(tok))
+    caps, embeds = tiny_story_frames(tok, 2)
+    context.append_frame(embeds[0], caps[0])
+    reading = context.read_next_frame(caps[1])
+    assert reading.restated_ids[0] and not set(reading.restated_ids[0]) & set(layout)
+
+
 def test_pipeline_grounds_with_the_restatement_and_keeps_it_in_the_context(cast, monkeypatch):
     pipe = StoryGPTVPipeline(
         **tiny_storygptv_components(

@@ -201,9 +201,13 @@ class StoryContext:
                 "A restating story model needs a processor to read its restatements: `StoryContext(model, processor)`."
             )
         eos = getattr(self.processor.tokenizer, "eos_token_id", None)
+        # The layout's own tokens (image placeholder, [IMG] run) are never words of a caption.
+        config = self.model.config
+        layout = torch.tensor([config.image_token_id, *config.img_token_ids])
         ids: list[int] = []
         logits = first_logits
         while len(ids) < self.model.config.max_restate_tokens:
+            logits = logits.index_fill(-1, layout.to(logits.device), float("-inf"))
             token = int(logits[0].argmax())
             if token == eos:
                 break
