@@ -347,3 +347,25 @@ def test_pipeline_grounds_with_the_restatement_and_keeps_it_in_the_context(cast,
     assert out.characters == [["Ava", "Bo"], ["Cleo"]] and out.settings == ["forest", "lake"]
     committed = [frame.caption_ids[0] for frame in out.story_context.frames]
     assert committed == [processor.encode_caption(c) for c in out.captions]  # the restated history
+
+
+def test_grounding_head_learns_a_new_cast_and_keeps_the_known_one(tmp_path):
+    # Fine-tuning a grounding model on a story folder with new characters: the head gains their rows, the
+    # known rows predict exactly as before, and the grown head round-trips.
+    model, _ = tiny_story_model(grounding_characters=CAST, grounding_settings=SETTINGS)
+    states = torch.randn(2, model.config.num_img_tokens, model.get_input_embeddings().weight.shape[1])
+    chars, settings = model.ground(states)
+    added = model.extend_grounding_labels(["bo", "Nia", "Rex"], ["lake", "snow"])
+    assert added == (["Nia", "Rex"], ["snow"])
+    assert model.config.grounding_characters == [*CAST, "Nia", "Rex"]
+    assert model.config.grounding_settings == [*SETTINGS, "snow"]
+    new_chars, new_settings = model.ground(states)
+    torch.testing.assert_close(new_chars[:, :3], chars)
+    torch.testing.assert_close(new_settings[:, :2], settings)
+    assert model.extend_grounding_labels(["Nia"], ["snow"]) == ([], [])
+    model.save_pretrained(tmp_path)
+    loaded = StoryGPTVForConditionalGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.eval().ground(states)[0], model.eval().ground(states)[0])
+    no_head, _ = tiny_story_model()
+    with pytest.raises(ValueError, match="no grounding head"):
+        no_head.extend_grounding_labels(["Nia"], [])

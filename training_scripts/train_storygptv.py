@@ -396,6 +396,10 @@ def build_story_model(
                 f"The story model uses mapper_queries={cfg.mapper_queries!r} but --mapper_queries is "
                 f"{args.mapper_queries!r}; they must match when continuing a model."
             )
+        if grounding_labels is not None and model.grounding_head is not None:
+            added = model.extend_grounding_labels(*grounding_labels)
+            if any(added):
+                logger.info("Grounding head extended with characters %s and settings %s.", *added)
         cfg.loss_weights = model_loss_weights(args)
         cfg.align_loss = args.align_loss
         cfg.align_character_weight = args.align_character_weight

@@ -55,6 +55,40 @@ class StoryGroundingHead(nn.Module):
         settings = logits[:, self.num_characters :] if self.num_settings else None
         return characters, settings
 
+    @torch.no_grad()
+    def extend(self, new_characters: int, new_settings: int) -> None:
+        """Add label rows for ``new_characters`` characters (after the known ones) and ``new_settings`` settings.
+
+        The known rows keep their weights. A new row starts with zero weights and the mean bias of its kind, so
+        a new label starts at the known labels' prior and learns from there (fine-tuning on a new cast).
+
+        Example:
+            >>> head = StoryGroundingHead(hidden_size=16, num_characters=3, num_settings=2)
+            >>> head.extend(new_characters=2, new_settings=1)
+            >>> [t.shape[-1] for t in head(torch.randn(1, 8, 16))]
+            [5, 3]
+        """
+        if new_characters < 0 or new_settings < 0:
+            raise ValueError(
+                f"Cannot remove labels: got {new_characters} characters, {new_settings} settings."
+            )
+        c, weight, bias = self.num_characters, self.proj.weight, self.proj.bias
+
+        def block(rows: slice, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+            w, b = weight[rows], bias[rows]
+            prior = b.mean() if b.numel() else bias.new_zeros(())
+            return torch.cat([w, w.new_zeros(extra, w.shape[1])]), torch.cat([b, prior.expand(extra)])
+
+        (cw, cb), (sw, sb) = block(slice(0, c), new_characters), block(slice(c, None), new_settings)
+        proj = nn.Linear(weight.shape[1], cw.shape[0] + sw.shape[0]).to(
+            device=weight.device, dtype=weight.dtype
+        )
+        proj.weight.copy_(torch.cat([cw, sw]))
+        proj.bias.copy_(torch.cat([cb, sb]))
+        self.proj = proj
+        self.num_characters += new_characters
+        self.num_settings += new_settings
+
     @staticmethod
     def loss(
         character_logits: torch.Tensor | None,

@@ -314,6 +314,32 @@ class StoryGPTVForConditionalGeneration(StoryWeightsMixin, StoryGPTVPreTrainedMo
             return None, None
         return self.grounding_head(img_hidden_states)
 
+    def extend_grounding_labels(
+        self, characters: list[str], settings: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """Teach the grounding head the names of ``characters`` / ``settings`` it does not know yet (e.g. the
+        cast of a story folder the model is fine-tuned on): their rows are added after the known ones, which
+        keep their weights, and the config's label sets grow with them. Returns the added ``(characters,
+        settings)``; names compare ignoring case, as everywhere."""
+        if self.grounding_head is None:
+            raise ValueError(
+                "This story model has no grounding head to extend (`grounding_characters` is unset)."
+            )
+        config = self.config
+        known_chars = {n.lower() for n in config.grounding_characters or []}
+        known_settings = {n.lower() for n in config.grounding_settings or []}
+        new_chars = list(dict.fromkeys(n for n in characters if n.lower() not in known_chars))
+        # A head without a setting output stays without one (settings need a label set from the start).
+        new_settings = [] if not known_settings else list(dict.fromkeys(
+            n for n in settings if n.lower() not in known_settings
+        ))  # fmt: skip
+        if new_chars or new_settings:
+            self.grounding_head.extend(len(new_chars), len(new_settings))
+            config.grounding_characters = [*(config.grounding_characters or []), *new_chars]
+            if new_settings:
+                config.grounding_settings = [*config.grounding_settings, *new_settings]
+        return new_chars, new_settings
+
     def grounded_characters(self, character_logits: torch.Tensor, threshold: float = 0.5) -> list[list[str]]:
         """Names of the characters predicted present (probability >= ``threshold``), most probable first."""
         names = self.config.grounding_characters or []
