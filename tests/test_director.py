@@ -52,7 +52,7 @@ def test_a_valid_answer_is_a_script_on_the_first_try():
     assert script.characters == [["Ava", "Bo"], ["Ava", "Bo"]]  # written as the cast spells them
     assert script.settings == ["forest", None] and script.boxes is None
     prompt = fake.seen[0][-1]["content"]
-    assert "Cast: Ava, Bo." in prompt and STORY in prompt and '"frames"' in prompt
+    assert "Cast: Ava, Bo." in prompt and STORY in prompt and '"frames"' in fake.seen[0][0]["content"]
 
 
 def test_a_malformed_answer_is_retried_with_the_error_fed_back():
@@ -137,9 +137,17 @@ def test_json_object_end_ignores_braces_in_strings():
 
 def test_messages_ask_for_the_frames_boxes_and_settings():
     messages = build_director_messages(STORY, CAST, settings=["forest"], num_frames=3, with_boxes=True)
-    user = messages[-1]["content"]
-    assert "exactly 3 frames" in user and "Settings: forest" in user and "[x1, y1, x2, y2]" in user
-    assert json.loads(user.splitlines()[-3])["frames"][0]["boxes"]["Bo"] == [0.6, 0.5, 0.9, 0.9]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    system, user = messages[0]["content"], messages[-1]["content"]
+    assert "[x1, y1, x2, y2]" in system and '"boxes"' in system
+    assert "Frames: exactly 3." in user and "Settings: forest (or null)." in user and STORY in user
+    example = parse_story_script(messages[2]["content"], ["Nia", "Tom"], with_boxes=True)  # a valid script
+    assert len(example) == 3 and example.boxes[2] == {"Tom": (0.35, 0.5, 0.65, 0.9)}
+    plain = build_director_messages(STORY, CAST)
+    assert (
+        "boxes" not in plain[0]["content"] + plain[2]["content"]
+        and "Frames: one per sentence." in plain[-1]["content"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,31 @@ def _cast_names(cast: Iterable[str] | Mapping[str, Any]) -> list[str]:
     return names
 
 
+#: The worked example shown to the model before the story (its names are not in any cast on purpose: the
+#: model must take the names from the cast, not from the example).
+EXAMPLE_STORY = "Nia and Tom walked to the beach. They sat down. Tom laughed."
+EXAMPLE_FRAMES: list[dict[str, Any]] = [
+    {"caption": "Nia and Tom are walking on the beach.", "characters": ["Nia", "Tom"], "setting": "beach"},
+    {"caption": "Nia and Tom are sitting on the beach.", "characters": ["Nia", "Tom"], "setting": "beach"},
+    {"caption": "Tom is laughing.", "characters": ["Tom"], "setting": "beach"},
+]
+_EXAMPLE_BOXES = [
+    {"Nia": [0.1, 0.5, 0.4, 0.9], "Tom": [0.6, 0.5, 0.9, 0.9]},
+    {"Nia": [0.1, 0.6, 0.4, 0.9], "Tom": [0.6, 0.6, 0.9, 0.9]},
+    {"Tom": [0.35, 0.5, 0.65, 0.9]},
+]
+
+
+def _request(story: str, cast: Sequence[str], settings: Sequence[str] | None, frames: str) -> str:
+    lines = [
+        f"Cast: {', '.join(cast)}.",
+        *([f"Settings: {', '.join(settings)} (or null)."] if settings else []),
+        f"Frames: {frames}.",
+        f"Story: {story.strip()}",
+    ]
+    return "\n".join(lines)
+
+
 def build_director_messages(
     story: str,
     cast: Sequence[str],
@@ -146,45 +171,42 @@ def build_director_messages(
     num_frames: int | None = None,
     with_boxes: bool = False,
 ) -> Messages:
-    """The chat messages that ask a model for the script of ``story`` (system + user).
+    """The chat messages that ask a model for the script of ``story``: the instructions (system), a worked
+    example (:data:`EXAMPLE_STORY`, a user and an assistant turn), then the story (user).
 
     Example:
         >>> messages = build_director_messages("Ava waved.", ["Ava", "Bo"], num_frames=1)
-        >>> [m["role"] for m in messages], "Cast: Ava, Bo." in messages[1]["content"]
-        (['system', 'user'], True)
+        >>> [m["role"] for m in messages], "Cast: Ava, Bo." in messages[-1]["content"]
+        (['system', 'user', 'assistant', 'user'], True)
     """
-    example_names = list(cast[:2])
-    example = {
-        "caption": f"{' and '.join(example_names)} {'are' if len(example_names) > 1 else 'is'} standing.",
-        "characters": example_names,
-        "setting": settings[0] if settings else None,
-    }
-    if with_boxes:
-        example["boxes"] = {
-            name: [round(0.1 + 0.5 * i, 2), 0.5, round(0.4 + 0.5 * i, 2), 0.9]
-            for i, name in enumerate(example_names)
-        }
-    frames = "one frame per sentence" if num_frames is None else f"exactly {num_frames} frames"
-    lines = [
-        f"Cast: {', '.join(cast)}.",
-        *([f"Settings: {', '.join(settings)} (or null)."] if settings else []),
-        f"Split the story into {frames}. For each frame write a short caption in the present tense that names "
-        "its characters, the characters shown (only names from the cast) and the setting.",
-        *(
-            ["Also give each character a box [x1, y1, x2, y2] with coordinates between 0 and 1."]
-            if with_boxes
-            else []
-        ),
-        "Answer with JSON only, in this format:",
-        json.dumps({"frames": [example]}),
-        "",
-        f"Story: {story.strip()}",
-    ]
     system = (
-        "You are a storyboard director. You turn a story into frames for an illustrator. "
-        "You answer with one JSON object and nothing else."
+        "You are a storyboard director. You split a story into frames for an illustrator: one frame per "
+        "sentence. For each frame write a short caption in the present tense that names its characters, the "
+        "characters shown (only names from the cast) and the setting (null if unknown)."
+        + (
+            " Also give each character a box [x1, y1, x2, y2] with coordinates between 0 and 1."
+            if with_boxes
+            else ""
+        )
+        + " Answer with one JSON object and nothing else, in this format: "
+        + SCRIPT_FORMAT.replace("}]}", (_BOXES_FORMAT if with_boxes else "") + "}]}")
     )
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
+    example_frames = [
+        {**frame, **({"boxes": boxes} if with_boxes else {})}
+        for frame, boxes in zip(EXAMPLE_FRAMES, _EXAMPLE_BOXES)
+    ]
+    example_settings = ["beach", "park"] if settings else None
+    frames = "one per sentence" if num_frames is None else f"exactly {num_frames}"
+    example_count = "one per sentence" if num_frames is None else "exactly 3"
+    return [
+        {"role": "system", "content": system},
+        {
+            "role": "user",
+            "content": _request(EXAMPLE_STORY, ["Nia", "Tom"], example_settings, example_count),
+        },
+        {"role": "assistant", "content": json.dumps({"frames": example_frames})},
+        {"role": "user", "content": _request(story, cast, settings, frames)},
+    ]
 
 
 def retry_message(error: str) -> dict[str, str]:
@@ -361,7 +383,10 @@ class StoryDirector:
             backend, or scripted answers in tests).
         max_retries: answers sent back with their error before giving up (``0``: one try).
         max_new_tokens: the longest answer.
-        generation_kwargs: more ``model.generate`` arguments (default greedy: ``{"do_sample": False}``).
+        generation_kwargs: more ``model.generate`` arguments of the first try (default greedy:
+            ``{"do_sample": False}``).
+        retry_generation_kwargs: those of the retries (default: sampling, ``{"do_sample": True, "temperature":
+            0.7, "top_p": 0.9}``, so that a retry is not the greedy answer again; seed torch for reproducibility).
         prefill: the start of the answer written into the assistant turn (``""``: none).
 
     Example:
@@ -379,6 +404,7 @@ class StoryDirector:
         max_retries: int = 2,
         max_new_tokens: int = 512,
         generation_kwargs: Mapping[str, Any] | None = None,
+        retry_generation_kwargs: Mapping[str, Any] | None = None,
         prefill: str = DEFAULT_PREFILL,
     ) -> None:
         if generate_fn is None and (model is None or tokenizer is None):
@@ -400,6 +426,11 @@ class StoryDirector:
         self.model, self.tokenizer, self.generate_fn = model, tokenizer, generate_fn
         self.max_retries, self.max_new_tokens, self.prefill = max_retries, max_new_tokens, prefill
         self.generation_kwargs = {"do_sample": False, **(generation_kwargs or {})}
+        self.retry_generation_kwargs = dict(
+            retry_generation_kwargs
+            if retry_generation_kwargs is not None
+            else {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+        )
 
     @classmethod
     def from_pretrained(
@@ -422,8 +453,9 @@ class StoryDirector:
         return cls(model.eval(), tokenizer, **dict(director_kwargs or {}))
 
     # ------------------------------------------------------------------ generation
-    def generate(self, messages: Messages) -> str:
-        """The model's answer to ``messages`` (with the pre-filled start, which is part of the answer)."""
+    def generate(self, messages: Messages, retry: bool = False) -> str:
+        """The model's answer to ``messages`` (with the pre-filled start, which is part of the answer);
+        ``retry`` uses ``retry_generation_kwargs``."""
         if self.generate_fn is not None:
             return self.generate_fn(messages)
         import torch
@@ -451,7 +483,7 @@ class StoryDirector:
                 max_new_tokens=self.max_new_tokens,
                 stopping_criteria=StoppingCriteriaList([JSONClosed()]),
                 pad_token_id=pad,
-                **self.generation_kwargs,
+                **(self.retry_generation_kwargs if retry else self.generation_kwargs),
             )
         return prefill + tokenizer.decode(out[0, start:], skip_special_tokens=True)
 
@@ -489,7 +521,7 @@ class StoryDirector:
         errors: list[str] = []
         answers: list[str] = []
         for _ in range(self.max_retries + 1):
-            answer = self.generate(messages)
+            answer = self.generate(messages, retry=bool(answers))
             answers.append(answer)
             try:
                 script = parse_story_script(answer, names, settings, num_frames, with_boxes)

@@ -57,7 +57,7 @@ Example:
 """
 
 from .dataset import load_synthsv, materialize_synthsv, synthsv_features
-from .grammar import ParsedCaption, check_reference, parse_caption
+from .grammar import ParsedCaption, check_reference, parse_caption, story_prose
 from .render import reference_images, render_frame, render_synthsv_batch
 from .sampling import split_of_captions
 from .spec import (
@@ -105,5 +105,6 @@ __all__ = [
     "sample_stories",
     "sample_story",
     "split_of_captions",
+    "story_prose",
     "synthsv_features",
 ]

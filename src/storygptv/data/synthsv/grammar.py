@@ -30,9 +30,19 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .spec import ACTIONS, BACKGROUNDS, CHARACTERS, PRONOUNS
+from .spec import ACTIONS, BACKGROUNDS, CHARACTERS, PRONOUNS, join_names
 
-__all__ = ["ParsedCaption", "check_reference", "parse_caption"]
+__all__ = ["PAST_TENSE", "ParsedCaption", "check_reference", "parse_caption", "story_prose"]
+
+#: How :func:`story_prose` tells each action.
+PAST_TENSE: dict[str, str] = {
+    "standing": "stood",
+    "jumping": "jumped",
+    "sitting": "sat down",
+    "talking": "talked",
+    "laughing": "laughed",
+    "waving": "waved",
+}
 
 _NAME = "|".join(CHARACTERS)
 _CAPTION = re.compile(
@@ -120,3 +130,22 @@ def check_reference(
     if parsed.pronoun == "they":
         return len(previous) > 1
     return len(previous) == 1 and PRONOUNS.get(previous[0]) == parsed.pronoun
+
+
+def story_prose(captions: Sequence[str]) -> str:
+    """A SynthSV story told as prose (past tense, one sentence per frame): the input of
+    :class:`~storygptv.director.StoryDirector` in tests and benchmarks.
+
+    Example:
+        >>> story_prose(["Ava and Bo are standing in the forest.", "They are jumping.", "Bo is sitting."])
+        'Ava and Bo stood in the forest. They jumped. Bo sat down.'
+    """
+    sentences = []
+    for caption in captions:
+        parsed = parse_caption(caption)
+        if parsed is None:
+            raise ValueError(f"{caption!r} is not a SynthSV caption (see `parse_caption`).")
+        subject = join_names(parsed.characters) if parsed.pronoun is None else parsed.subject
+        place = f" in the {parsed.background}" if parsed.background else ""
+        sentences.append(f"{subject} {PAST_TENSE[parsed.action]}{place}.")
+    return " ".join(sentences)
