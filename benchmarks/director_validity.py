@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-retries", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed (the retries sample)")
     parser.add_argument("--output", default=None, help="write the figures and every answer to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     load_seconds = time.perf_counter() - start
     stories = sample_stories(range(args.stories), "test", args.frames)
+    torch.manual_seed(args.seed)
     first = valid = faithful = frames = 0
     attempts, kinds, rows = [], Counter(), []
     start = time.perf_counter()
