@@ -40,6 +40,9 @@ _LAZY: dict[str, str] = {
     "CharacterMention": "characters",
     "find_character_mentions": "characters",
     "find_character_tokens": "characters",
+    "DirectorError": "director",
+    "StoryDirector": "director",
+    "StoryScript": "director",
     "load_cast": "characters",
     "load_story_dataset": "data",
     "ground_caption": "grounding",
@@ -69,10 +72,12 @@ __all__ = [
     "CharacterAttentionStore",
     "CharacterFuser",
     "CharacterMention",
+    "DirectorError",
     "FusedPromptOutput",
     "ModelLoadingError",
     "MutualAttentionState",
     "StoryContext",
+    "StoryDirector",
     "StoryGPTVConfig",
     "StoryGPTVForConditionalGeneration",
     "StoryGPTVOutput",
@@ -80,6 +85,7 @@ __all__ = [
     "StoryGPTVPipelineOutput",
     "StoryGPTVProcessor",
     "StoryLDMMapper",
+    "StoryScript",
     "character_attention_loss",
     "encode_fused_prompt",
     "encode_story_images",
@@ -108,6 +114,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from .characters import CharacterMention, find_character_mentions, find_character_tokens, load_cast
     from .data import load_story_dataset
+    from .director import DirectorError, StoryDirector, StoryScript
     from .grounding import ground_caption
     from .loading import ModelLoadingError
     from .models import (

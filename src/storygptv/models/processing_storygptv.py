@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, Literal
@@ -113,3 +114,8 @@ class StoryGPTVProcessor(ProcessorMixin):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated caption ids (a restatement), stripped."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def decode_caption(self, ids: Sequence[int]) -> str:
+        """Text of a caption the model wrote, as captions are written: stripped, and without the space that
+        word-level BPE decoders put before punctuation (``"She is standing ."`` -> ``"She is standing."``)."""
+        return re.sub(r"\s+([.,!?;:])", r"\1", self.decode(ids))

@@ -218,6 +218,92 @@ class StoryContext:
         return ids
 
     @torch.no_grad()
+    def write_caption(
+        self,
+        max_new_tokens: int = 40,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """The caption of the next frame, written by the story LLM from the story so far (not committed).
+
+        Runs ``" Caption:"`` on top of the context and decodes until a token that ends a sentence, the
+        end-of-text token, the start of a layout marker (``"Image:"`` / ``" Caption:"``, which is cut off) or
+        ``max_new_tokens``. The image placeholder, the ``[IMG]`` tokens and BOS are never written. The cache
+        is cropped back afterwards, so the context is unchanged.
+
+        Args:
+            max_new_tokens: the longest caption, in tokens.
+            temperature: 0 (default) decodes greedily; a positive value samples from the softened logits.
+            generator: the random generator of sampling.
+
+        Returns:
+            The caption's token ids (decode them with ``processor.decode``).
+
+        Example:
+            >>> from storygptv.models.processing_storygptv import StoryGPTVProcessor
+            >>> from storygptv.testing.story_model import tiny_story_model
+            >>> model, tok = tiny_story_model()
+            >>> context = StoryContext(model, StoryGPTVProcessor.from_story_model_config(tok, model.config))
+            >>> context.append_frame(torch.randn(1, 32), "Fred is in the yard.")
+            >>> length = context.cache_length
+            >>> ids = context.write_caption(max_new_tokens=5)
+            >>> len(ids) <= 5, context.cache_length == length  # the context is unchanged
+            (True, True)
+        """
+        if self.batch_size != 1:
+            raise ValueError("Captions are written for one story at a time (`batch_size=1`).")
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens!r}.")
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
+        prefix = list(self.tokens.caption_prefix_ids)
+        self._ensure_started()
+        self._fit_budget(len(prefix) + max_new_tokens, "written caption")
+        before, committed = self.llm_tokens_total, self.cache_length
+        logits = self._run(torch.tensor([prefix]), None, logits=True).logits[:, -1]
+        banned = [self.tokens.image_token_id, *self.tokens.img_token_ids, *self.tokens.bos_ids]
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.model.config.text_config, "eos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is not None and pad != eos:
+            banned.append(pad)
+        markers = [
+            list(m)
+            for m in (
+                self.tokens.image_prefix_ids,
+                self.tokens.target_suffix_ids,
+                self.tokens.caption_prefix_ids,
+            )
+            if m
+        ]
+        ids: list[int] = []
+        while len(ids) < max_new_tokens:
+            scores = logits[0].float().clone()
+            scores[[i for i in banned if i < scores.shape[0]]] = float("-inf")
+            if temperature > 0:
+                probs = torch.softmax(scores / temperature, -1)
+                token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            else:
+                token = int(scores.argmax())
+            if token == eos:
+                break
+            ids.append(token)
+            marker = next((m for m in markers if ids[-len(m) :] == m), None)
+            if marker is not None:  # the model moved on to the next segment
+                del ids[-len(marker) :]
+                break
+            if self.processor is not None and self.processor.decode(ids).endswith((".", "!", "?")):
+                break
+            if len(ids) < max_new_tokens:
+                logits = self._run(torch.tensor([[token]]), None, logits=True).logits[:, -1]
+        self.cache.crop(committed - self.cache_length)
+        self.cache_length = committed
+        self.last_call_tokens = self.llm_tokens_total - before
+        return ids
+
+    @torch.no_grad()
     def next_frame_conditioning(
         self, caption: Any, caption_conditioning: torch.Tensor | None = None
     ) -> torch.Tensor:

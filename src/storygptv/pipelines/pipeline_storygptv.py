@@ -81,6 +81,8 @@ class StoryGPTVPipelineOutput(BaseOutput):
             ("They are jumping." -> "Ava and Bo are jumping in the forest.").
         story_context: the :class:`~storygptv.models.story_context.StoryContext` after the last frame (its
             frames, KV cache and counters); pass it as ``story_context`` to continue the story.
+        written_captions: with :meth:`StoryGPTVPipeline.continue_story`, the captions the story model wrote,
+            as written (``captions`` holds them as drawn, grounded with ``grounding="fuse"``); else None.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -89,6 +91,7 @@ class StoryGPTVPipelineOutput(BaseOutput):
     settings: list[str | None] | None = None
     captions: list[str] | None = None
     story_context: StoryContext | None = None
+    written_captions: list[str] | None = None
 
 
 @dataclass
@@ -617,6 +620,175 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             settings=[f.setting for f in drawn],
             captions=[f.caption for f in drawn],
             story_context=context,
+        )
+
+    # ------------------------------------------------------------------ continuation
+    @torch.no_grad()
+    def continue_story(
+        self,
+        story: StoryGPTVPipelineOutput | StoryContext | list[str],
+        num_frames: int = 1,
+        characters: Mapping[str, Any] | None = None,
+        character_embeds: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        max_caption_tokens: int = 40,
+        temperature: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_frame_end: Callable[[StoryGPTVPipeline, int, PIL.Image.Image], None] | None = None,
+        **kwargs: Any,
+    ) -> StoryGPTVPipelineOutput | tuple:
+        r"""Let the story model write the next ``num_frames`` captions of a story, and draw them.
+
+        For each new frame the story LLM reads the story so far (every frame's generated image and caption,
+        as in :meth:`__call__`), writes the next caption after ``" Caption:"``
+        (:meth:`~storygptv.models.story_context.StoryContext.write_caption`), and the frame is drawn from it
+        as :meth:`__call__` draws a caption of a story; the drawn frame then joins the context of the next
+        one.
+
+        Args:
+            story: the story so far: the output of an earlier call (its ``story_context``), a
+                :class:`~storygptv.models.story_context.StoryContext` with at least one frame, or a list of
+                captions, which are drawn first (with the same arguments) and are not part of the output.
+            num_frames: the frames to add (>= 1).
+            characters, character_embeds: the cast, as in :meth:`__call__` (pass it again to continue).
+            generator: one ``torch.Generator`` for every frame (the caption sampling included), or one per new
+                frame (per caption, then per new frame, when ``story`` is a list of captions).
+            max_caption_tokens: the longest caption the model may write, in tokens.
+            temperature: 0 (default) writes greedily; a positive value samples the captions.
+            output_type, return_dict, callback_on_frame_end: as in :meth:`__call__` (the callback's frame index
+                counts the new frames from 0).
+            **kwargs: other arguments of :meth:`__call__` (``num_inference_steps``, ``guidance_scale``,
+                ``grounding``, ...); ``captions``, ``story_context`` and ``latents`` are not accepted.
+
+        Returns:
+            :class:`StoryGPTVPipelineOutput` of the new frames only (its ``written_captions`` are the captions as
+            the model wrote them, its ``story_context`` the whole story), or ``(images, conditionings)`` when
+            ``return_dict=False``.
+
+        Examples:
+            ```py
+            >>> import storygptv
+            >>> from storygptv import StoryGPTVPipeline
+            >>> from storygptv.data.synthsv import reference_images
+
+            >>> pipe = StoryGPTVPipeline.from_pretrained(storygptv.DEFAULT_MODEL)
+            >>> cast = {name: reference_images()[name] for name in ("Ava", "Bo")}
+            >>> story = pipe(["Ava and Bo are standing in the forest.", "They are jumping."], characters=cast)
+            >>> more = pipe.continue_story(story, num_frames=2, characters=cast)
+            >>> len(more.images), len(more.written_captions), more.story_context.num_frames_committed
+            (2, 2, 4)
+
+            ```
+        """
+        for name in ("captions", "story_context", "latents"):
+            if name in kwargs:
+                raise TypeError(
+                    f"`continue_story` does not take `{name}`: the story so far is `story`, the new captions are "
+                    "written by the story model. Use `pipe(...)` to draw given captions."
+                )
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"`num_frames` must be an integer >= 1 (frames to add), got {num_frames!r}.")
+        if isinstance(story, str):
+            raise TypeError(
+                "`story` is a single string; pass the story so far as a list of captions (one per frame), or the "
+                "output of an earlier call. To turn prose into captions, use `storygptv.StoryDirector`."
+            )
+        if characters is not None and character_embeds is not None:
+            raise ValueError("Pass either `characters` (reference images) or `character_embeds`, not both.")
+        if character_embeds is None:
+            character_embeds = self.encode_characters(characters, self._execution_device)
+        if isinstance(story, (list, tuple)):
+            captions = self.check_story(list(story), kwargs.get("context_window"), None)
+            first_generators = generator
+            if isinstance(generator, list):
+                if len(generator) != len(captions) + num_frames:
+                    raise ValueError(
+                        f"`generator` is a list of {len(generator)}; with a list of captions it needs one per "
+                        f"caption and one per new frame ({len(captions)} + {num_frames})."
+                    )
+                first_generators, generator = generator[: len(captions)], generator[len(captions) :]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Characters .* are not named in any caption")
+                story = self(
+                    captions,
+                    character_embeds=character_embeds,
+                    generator=first_generators,
+                    output_type="latent",
+                    **kwargs,
+                )
+        context = story.story_context if isinstance(story, StoryGPTVPipelineOutput) else story
+        if not isinstance(context, StoryContext):
+            raise TypeError(
+                "`story` must be a StoryGPTVPipelineOutput (with its story_context), a StoryContext or a list of "
+                f"captions, got {type(story).__name__}."
+            )
+        if context.num_frames_committed == 0:
+            raise ValueError(
+                "`story` has no frame yet; continue_story writes what comes next. Draw the first caption(s) "
+                "with `pipe(captions, characters=...)`, or pass them as a list."
+            )
+        if context.batch_size != 1:
+            raise ValueError(
+                "`continue_story` continues one story at a time (a StoryContext of batch_size 1)."
+            )
+        self.check_generator(generator, num_frames, "new frames")
+        kwargs.pop("context_window", None)  # the context keeps its own window
+        processor = context.processor if context.processor is not None else self.story_processor
+
+        outputs, written = [], []
+        for index in range(num_frames):
+            frame_generator = generator[index] if isinstance(generator, list) else generator
+            ids = context.write_caption(max_caption_tokens, temperature, frame_generator)
+            caption = processor.decode_caption(ids)
+            if not caption:
+                warnings.warn(
+                    f"The story model wrote an empty caption for new frame {index}; it is drawn from an empty "
+                    "caption (a model trained without the caption loss cannot write captions).",
+                    stacklevel=3,
+                )
+            written.append(caption)
+            frame_callback = None
+            if callback_on_frame_end is not None:
+
+                def frame_callback(
+                    pipe: StoryGPTVPipeline, _: int, image: PIL.Image.Image, i: int = index
+                ) -> None:
+                    callback_on_frame_end(pipe, i, image)
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Characters .* are not named in any caption")
+                outputs.append(
+                    self(
+                        [caption],
+                        character_embeds=character_embeds,
+                        story_context=context,
+                        generator=frame_generator,
+                        output_type=output_type,
+                        callback_on_frame_end=frame_callback,
+                        **kwargs,
+                    )
+                )
+
+        if output_type == "pil":
+            images: Any = [image for out in outputs for image in out.images]
+        elif output_type == "np":
+            images = np.concatenate([out.images for out in outputs])
+        else:
+            images = torch.cat([out.images for out in outputs])
+        conditionings = None
+        if outputs[0].conditionings is not None:
+            conditionings = torch.cat([out.conditionings for out in outputs])
+        if not return_dict:
+            return (images, conditionings)
+        return StoryGPTVPipelineOutput(
+            images=images,
+            conditionings=conditionings,
+            characters=[c for out in outputs for c in out.characters],
+            settings=[s for out in outputs for s in out.settings],
+            captions=[c for out in outputs for c in out.captions],
+            story_context=context,
+            written_captions=written,
         )
 
 

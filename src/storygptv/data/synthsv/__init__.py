@@ -57,6 +57,7 @@ Example:
 """
 
 from .dataset import load_synthsv, materialize_synthsv, synthsv_features
+from .grammar import ParsedCaption, check_reference, parse_caption, story_prose
 from .render import reference_images, render_frame, render_synthsv_batch
 from .sampling import split_of_captions
 from .spec import (
@@ -85,6 +86,7 @@ __all__ = [
     "CHARACTERS",
     "CHARACTER_COLORS",
     "PRONOUNS",
+    "ParsedCaption",
     "REFERENCE_GREY",
     "SHAPES",
     "SLOT_X",
@@ -92,14 +94,17 @@ __all__ = [
     "SynthFrame",
     "SynthStory",
     "character_box",
+    "check_reference",
     "load_synthsv",
     "make_caption",
     "materialize_synthsv",
+    "parse_caption",
     "reference_images",
     "render_frame",
     "render_synthsv_batch",
     "sample_stories",
     "sample_story",
     "split_of_captions",
+    "story_prose",
     "synthsv_features",
 ]

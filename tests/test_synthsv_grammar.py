@@ -1,0 +1,52 @@
+"""The SynthSV caption grammar read back: every sampled caption parses, ungrammatical ones do not."""
+
+from __future__ import annotations
+
+import pytest
+
+from storygptv.data.synthsv import check_reference, make_caption, parse_caption, sample_stories
+
+
+def test_every_sampled_caption_parses_and_refers_to_the_previous_frame():
+    for story in sample_stories(range(60), "test", 5):
+        previous: tuple[str, ...] = ()
+        for named, referential, frame in zip(story.captions, story.referential_captions, story.frames):
+            for caption in (named, referential):
+                parsed = parse_caption(caption)
+                assert parsed is not None, caption
+                assert parsed.action == frame.action
+                assert check_reference(parsed, previous), (caption, previous)
+            assert parse_caption(named).characters == frame.characters
+            previous = frame.characters
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "Ava, Bo are sitting.",  # a list of three needs "and"
+        "Ava and Ava are sitting.",  # names are distinct
+        "They is jumping.",  # agreement
+        "Ava are jumping.",
+        "Ava is jumping in the park.",  # unknown background
+        "ava is jumping.",  # case
+        "Ava is jumping",  # full stop
+        "Zed is jumping.",  # unknown name
+        "Ava and Bo and Cleo are jumping.",
+    ],
+)
+def test_ungrammatical_captions_do_not_parse(caption):
+    assert parse_caption(caption) is None
+
+
+def test_pronouns_must_match_the_previous_frame():
+    she, they = parse_caption("She is waving."), parse_caption("They are waving.")
+    assert check_reference(she, ("Cleo",)) and not check_reference(she, ("Bo",))
+    assert not check_reference(she, ("Ava", "Bo")) and not check_reference(she, ())
+    assert check_reference(they, ("Ava", "Bo")) and not check_reference(they, ("Ava",))
+    assert check_reference(parse_caption(make_caption(["Gus"], "sitting", "cave")), ())
+    assert not check_reference(parse_caption("Gus is sitting."), (), known=["Ava"])
+
+
+def test_non_strings_are_a_clear_error():
+    with pytest.raises(TypeError, match="`caption` must be a string"):
+        parse_caption(None)
