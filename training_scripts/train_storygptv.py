@@ -120,7 +120,7 @@ _CHAR_LDM_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
 _SETTINGS = (
     "language_model_name_or_path", "story_model_name_or_path", "targets_dir", "frames_per_story", "max_length",
     "lora_rank", "num_img_tokens", "num_visual_tokens", "mapper_queries", "restored_anchor_prob", "grounding",
-    "align_loss", "align_character_weight", "align_setting_weight", "loss_weights",
+    "align_loss", "align_character_weight", "align_setting_weight", "loss_weights", "train_language_model",
 )  # fmt: skip
 
 
@@ -241,6 +241,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "else none.",
     )
     g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the LLM (0: LLM fully frozen).")
+    g.add_argument(
+        "--train_language_model",
+        action="store_true",
+        help="Train the whole LLM instead of keeping it frozen (the paper freezes OPT-6.7B). For a small LLM "
+        "trained on the story world, such as the SynthSV default's: frozen, its [IMG] states do not learn to "
+        "carry who a frame shows (benchmarks/README.md).",
+    )
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument(
         "--gradient_checkpointing", action="store_true", help="Activation checkpointing in the LLM."
@@ -440,7 +447,8 @@ def build_story_model(
     # The new layers train in float32 whatever the LLM dtype.
     model.visual_projection.float()
     model.ldm_mapper.float()
-    model.freeze_language_model(True)
+    model.config.freeze_language_model = not args.train_language_model
+    model.freeze_language_model(not args.train_language_model)
     return model, tokenizer
 
 
