@@ -630,3 +630,21 @@ def test_llama_lm_on_the_fly_targets_and_compat(stage2, text_lm, char_ldm_dir, w
                 "none",
             ]
         )
+
+
+def test_train_language_model_updates_the_whole_llm(stage2, char_ldm_dir, lm_dir, targets_dir, work):
+    from transformers import AutoModelForCausalLM
+
+    from storygptv.models.modeling_storygptv import StoryGPTVForConditionalGeneration
+
+    out = work / "whole_llm"
+    stage2.main(
+        stage2_argv(char_ldm_dir, lm_dir, targets_dir, out, "--max_train_steps", 2, "--train_language_model",
+                    "--learning_rate", 1e-2, "--save_story_model_only")
+    )  # fmt: skip
+    model = StoryGPTVForConditionalGeneration.from_pretrained(out)
+    assert model.config.freeze_language_model is False
+    before = AutoModelForCausalLM.from_pretrained(lm_dir).state_dict()
+    after = model.language_model.state_dict()
+    name = next(k for k in before if k.endswith("layers.0.fc1.weight"))
+    assert not torch.equal(before[name], after[name])  # a frozen run changes only LoRA and the [IMG] rows
