@@ -110,7 +110,11 @@ def run_story_pipeline(
 ) -> tuple[list[Any], list[list[str]]]:
     frames, resolved = [], []
     for index, story in enumerate(stories):
-        context = WithheldImagesContext(pipe.story_model, pipe.story_processor) if withhold_images else None
+        context = (
+            WithheldImagesContext(pipe.story_model, pipe.story_processor, context_window=args.context_window)
+            if withhold_images
+            else None
+        )
         out = pipe(
             list(story.referential_captions),
             characters=cast,
@@ -118,6 +122,7 @@ def run_story_pipeline(
             guidance_scale=args.guidance_scale,
             start_merge_step=args.start_merge_step,
             grounding=grounding,
+            context_window=None if withhold_images else args.context_window,  # the context has its own
             story_context=context,
             generator=torch.Generator().manual_seed(args.seed + index),
             output_type="np",
@@ -197,6 +202,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         type=int,
         default=None,
         help="first denoising step with the fused / LLM conditioning (default: the pipelines' default)",
+    )
+    parser.add_argument(
+        "--context_window",
+        type=int,
+        default=None,
+        help="story-model variants: keep only the last k frames in the LLM context (default: the whole story)",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--by_position", action="store_true", help="also print Char-Acc by frame position")

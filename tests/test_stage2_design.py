@@ -369,3 +369,17 @@ def test_grounding_head_learns_a_new_cast_and_keeps_the_known_one(tmp_path):
     no_head, _ = tiny_story_model()
     with pytest.raises(ValueError, match="no grounding head"):
         no_head.extend_grounding_labels(["Nia"], [])
+
+
+def test_the_models_context_window_is_the_pipelines_default(cast):
+    components = tiny_storygptv_components()
+    components["story_model"].config.context_window = 1
+    pipe = StoryGPTVPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    captions = ["Ava is in the forest.", "She jumps.", "She sits."]
+    out = pipe(captions, characters=cast, num_inference_steps=1, output_type="np")
+    assert len(out.story_context.frames) == 1  # the model's window: only the last frame stays in context
+    whole = pipe(captions, characters=cast, num_inference_steps=1, output_type="np", context_window=10)
+    assert len(whole.story_context.frames) == 3
+    with pytest.raises(ValueError, match="context_window"):
+        StoryGPTVConfig(context_window=0)

@@ -110,6 +110,10 @@ class StoryGPTVConfig(PreTrainedConfig):
         lora_target_modules: module names to adapt (None: peft's default for the LLM's ``model_type``).
         max_context_tokens: LLM token budget of the story context (None: ``text_config.max_position_embeddings``
             when the LLM has one, else unlimited).
+        context_window: how many earlier frames the story model reads by default (the pipeline's
+            ``context_window`` when a call gives none); None: the whole story. A model trained on short
+            stories can set the window it reads well (the SynthSV default: 3, chosen on validation stories;
+            benchmarks/README.md).
         initializer_range: std of the normal init of the new layers.
 
     Example:
@@ -162,6 +166,7 @@ class StoryGPTVConfig(PreTrainedConfig):
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None
     max_context_tokens: int | None = None
+    context_window: int | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
@@ -190,6 +195,14 @@ class StoryGPTVConfig(PreTrainedConfig):
         self.loss_weights = weights
         if any(w < 0 for w in self.loss_weights.values()):
             raise ValueError(f"`loss_weights` must be >= 0, got {self.loss_weights}.")
+        if self.context_window is not None and (
+            isinstance(self.context_window, bool)
+            or not isinstance(self.context_window, int)
+            or self.context_window < 1
+        ):
+            raise ValueError(
+                f"`context_window` must be None (the whole story) or an integer >= 1, got {self.context_window!r}."
+            )
         if self.mapper_queries not in MAPPER_QUERY_MODES:
             raise ValueError(
                 f"`mapper_queries` must be one of {list(MAPPER_QUERY_MODES)}, got {self.mapper_queries!r}."

@@ -418,8 +418,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             story_context: the ``output.story_context`` of an earlier call, to continue that story (its frames
                 stay in the story model's context; the first caption here is then not a first frame).
             context_window: keep only the last ``k`` frames in the LLM context (the local causal window of
-                Causal-Story); ``None`` keeps the whole story (when it outgrows the LLM's token budget, a
-                block of the oldest frames is dropped, with one warning).
+                Causal-Story). ``None``: the story model's default (``story_model.config.context_window``; the
+                embedded default reads the last 3 frames), and where that is None too, the whole story (when it
+                outgrows the LLM's token budget, a block of the oldest frames is dropped, with one warning).
             start_merge_step: the first denoising step that uses the fused / story conditioning; earlier
                 steps use the plain caption embedding. ``None`` means ``num_inference_steps // 2``. Later frames
                 whose drawn caption names no character of the cast use the story conditioning from step 0, as
@@ -507,6 +508,8 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         )
 
         # 4. Start the story context (or continue the given one)
+        if context_window is None:
+            context_window = self.story_model.config.context_window
         context = story_context or StoryContext(
             self.story_model, self.story_processor, context_window=context_window
         )
