@@ -63,12 +63,13 @@ python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$
     --dataset synthsv --split validation --num_stories 200 --frames_per_story 8 --name_background \
     --no_store_images --output_dir "$OUT/targets_val"
 
-echo "== 6/7 stage 2 (${STAGE2_STEPS} steps): caption-anchored mapper, identity-weighted L_align, grounding head"
+echo "== 6/7 stage 2 (${STAGE2_STEPS} steps): caption-anchored mapper, identity-weighted L_align, grounding head, whole LLM trained"
 python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT/char_ldm_decay" \
     --language_model_name_or_path "$OUT/lm" --targets_dir "$OUT/targets" --output_dir "$OUT/storygptv" \
     --mapper_hidden_size 128 --mapper_num_heads 4 --mapper_num_layers 2 --mapper_ffn_dim 512 \
     --mapper_queries caption --align_character_weight 8 --align_setting_weight 8 \
-    --grounding head --lora_rank 16 --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 100 \
+    --grounding head --train_language_model --story_config_overrides '{"context_window": 4}' \
+    --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 100 \
     --max_train_steps "$STAGE2_STEPS" --checkpointing_steps 250 --checkpoints_total_limit 3 --seed 0 \
     --resume_from_checkpoint latest --validation_targets_dir "$OUT/targets_val"
 

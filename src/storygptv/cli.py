@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-window",
         type=_positive_int,
         default=None,
-        help="earlier frames the story model reads (default: the model's own; the default model reads 3)",
+        help="earlier frames the story model reads (default: the model's own; the default model reads 4)",
     )
     gen.add_argument(
         "--grounding",

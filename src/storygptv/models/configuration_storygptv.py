@@ -112,7 +112,7 @@ class StoryGPTVConfig(PreTrainedConfig):
             when the LLM has one, else unlimited).
         context_window: how many earlier frames the story model reads by default (the pipeline's
             ``context_window`` when a call gives none); None: the whole story. A model trained on short
-            stories can set the window it reads well (the SynthSV default: 3, chosen on validation stories;
+            stories can set the window it reads well (the SynthSV default: 4, chosen on validation stories;
             benchmarks/README.md).
         initializer_range: std of the normal init of the new layers.
 

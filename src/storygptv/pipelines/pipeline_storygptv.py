@@ -419,7 +419,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 stay in the story model's context; the first caption here is then not a first frame).
             context_window: keep only the last ``k`` frames in the LLM context (the local causal window of
                 Causal-Story). ``None``: the story model's default (``story_model.config.context_window``; the
-                embedded default reads the last 3 frames), and where that is None too, the whole story (when it
+                embedded default reads the last 4 frames), and where that is None too, the whole story (when it
                 outgrows the LLM's token budget, a block of the oldest frames is dropped, with one warning).
             start_merge_step: the first denoising step that uses the fused / story conditioning; earlier
                 steps use the plain caption embedding. ``None`` means ``num_inference_steps // 2``. Later frames
