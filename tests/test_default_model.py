@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import pytest
 
@@ -46,12 +45,17 @@ def test_readme_main_command_writes_the_story(example_story):
     assert (example_story / "storyboard.png").is_file()
 
 
-def test_default_model_draws_the_named_frame_and_carries_the_setting(example_story):
-    # Measured behaviour of the shipped model on examples/story.txt (seed 0): frame 1 (Char-LDM) draws the
-    # two named characters; every frame is in the forest, also frames 2 and 4, whose captions ("They are
-    # jumping.", "She is laughing.") leave the setting to the story model.
+def test_default_model_draws_the_readme_story_right(example_story):
+    # Measured behaviour of the shipped model on examples/story.txt (the CLI's seed 0; benchmarks/example_story.py
+    # finds all four frames right for seeds 0-9): every frame shows exactly its characters, in the forest,
+    # also frames 2 and 4, whose captions ("They are jumping.", "She is laughing.") leave both to the story model.
     judge = SynthSVJudge()
     judged = [judge.judge_frame(PIL.Image.open(p)) for p in sorted(example_story.glob("frame_*.png"))]
-    assert judged[0].characters == ("Ava", "Bo")
+    assert [set(j.characters) for j in judged] == [{"Ava", "Bo"}, {"Ava", "Bo"}, {"Cleo"}, {"Cleo"}]
     assert [j.background for j in judged] == ["forest"] * 4
-    assert all(np.asarray(PIL.Image.open(p)).std() > 5 for p in example_story.glob("frame_*.png"))
+
+
+def test_default_model_grounds_with_its_head_and_reads_a_window():
+    config = json.loads((DEFAULT / "story_model" / "config.json").read_text())
+    assert config["grounding_characters"] == list(CHARACTERS) and config["mapper_queries"] == "caption"
+    assert config["context_window"] == 4 and config["freeze_language_model"] is False

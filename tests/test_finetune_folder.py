@@ -174,9 +174,13 @@ def test_the_guide_python_examples_run(guide, monkeypatch, capsys):
         exec(compile(drawing, "README.md", "exec"), namespace)
         exec(compile(scoring, "README.md", "exec"), namespace)
     assert (guide / "they_are_waving.png").is_file()
-    # night_walk: "Nia", "Nia and Rex", then "They": the last frame's pronoun is not resolved.
+    # night_walk: "Nia", "Nia and Rex", then "They". The named frames always report their names (3 of the 5
+    # labels); "They" is resolved by the grounding head, whose rows for Nia and Rex had only the guide's 20
+    # fine-tuning steps, so that frame may come out wrong (but only with Nia or Rex: pronouns resolve within
+    # the cast the call gives).
     scores = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
-    assert scores["precision"] == 100.0 and scores["recall"] == pytest.approx(60.0)
+    assert scores["recall"] >= 60.0 and scores["precision"] >= 50.0
+    assert set(scores) >= {"precision", "recall", "f1", "exact"}
 
 
 # ------------------------------------------------------------------------------------------ the library

@@ -256,6 +256,12 @@ def test_fuse_grounds_exactly_the_predicted_characters(cast, mapper_queries):
     if mapper_queries == "learned":
         assert not torch.allclose(plain.conditionings[1], out.conditionings[1])
 
+    # A pronoun resolves within the cast the call gives: Cleo without a reference image is not drawn in.
+    forced_grounding(pipe, ["Cleo", "Bo"], "lake")
+    duo = {name: cast[name] for name in ("Ava", "Bo")}
+    out = pipe(story, characters=duo, num_inference_steps=1)
+    assert out.captions[1] == "Bo waves in the lake." and out.characters[1] == ["Bo"]
+
 
 def test_paper_model_defaults_to_no_grounding(cast):
     pipe = StoryGPTVPipeline(**tiny_storygptv_components())
