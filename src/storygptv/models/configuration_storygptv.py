@@ -12,6 +12,7 @@ __all__ = [
     "DEFAULT_TRAINING_LOSS_PRESET",
     "GROUNDING_KINDS",
     "LOSS_WEIGHT_KEYS",
+    "check_context_window",
     "LOSS_WEIGHT_PRESETS",
     "MAPPER_QUERY_MODES",
     "STAGE2_LOSS_PRESETS",
@@ -48,6 +49,16 @@ LOSS_WEIGHT_KEYS: tuple[str, ...] = ("gen", "align", "grounding")
 GROUNDING_KINDS: tuple[str, ...] = ("none", "head", "restate")
 #: Values of ``mapper_queries``: the paper's learned queries, or the frame's own caption encoding.
 MAPPER_QUERY_MODES: tuple[str, ...] = ("learned", "caption")
+
+
+def check_context_window(context_window: Any) -> None:
+    """The one rule for a story window (a config's default, or a call's): None (the whole story) or an int >= 1."""
+    if context_window is not None and (
+        isinstance(context_window, bool) or not isinstance(context_window, int) or context_window < 1
+    ):
+        raise ValueError(
+            f"`context_window` must be None (the whole story) or an integer >= 1, got {context_window!r}."
+        )
 
 
 @strict
@@ -195,14 +206,7 @@ class StoryGPTVConfig(PreTrainedConfig):
         self.loss_weights = weights
         if any(w < 0 for w in self.loss_weights.values()):
             raise ValueError(f"`loss_weights` must be >= 0, got {self.loss_weights}.")
-        if self.context_window is not None and (
-            isinstance(self.context_window, bool)
-            or not isinstance(self.context_window, int)
-            or self.context_window < 1
-        ):
-            raise ValueError(
-                f"`context_window` must be None (the whole story) or an integer >= 1, got {self.context_window!r}."
-            )
+        check_context_window(self.context_window)
         if self.mapper_queries not in MAPPER_QUERY_MODES:
             raise ValueError(
                 f"`mapper_queries` must be one of {list(MAPPER_QUERY_MODES)}, got {self.mapper_queries!r}."

@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPVisionModelWithProjection, PreTraine
 
 from ..characters import find_character_mentions
 from ..grounding import ground_caption, named_setting
+from ..models.configuration_storygptv import check_context_window
 from ..models.fuser import CharacterFuser, normalize_character_embeds, preprocess_reference_images
 from ..models.modeling_storygptv import StoryGPTVForConditionalGeneration
 from ..models.processing_storygptv import StoryGPTVProcessor
@@ -231,12 +232,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 "`captions` is a single string; pass the story as a list of captions, one per frame."
             )
         captions = self.as_prompt_list(captions, name="captions")
-        if context_window is not None and (
-            isinstance(context_window, bool) or not isinstance(context_window, int) or context_window < 1
-        ):
-            raise ValueError(
-                f"`context_window` must be None (the whole story) or an integer >= 1, got {context_window!r}."
-            )
+        check_context_window(context_window)
         if story_context is not None:
             if not isinstance(story_context, StoryContext):
                 raise TypeError(
