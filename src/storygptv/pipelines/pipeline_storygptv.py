@@ -303,9 +303,8 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 predicted_setting = named_setting(restated, known_settings) if known_settings else None
             if reading.character_logits is not None:
                 predicted = self.story_model.grounded_characters(reading.character_logits)[0]
-                if (
-                    character_embeds
-                ):  # a story's pronouns refer to its cast: resolve among the given characters
+                # A story's pronouns refer to its cast: resolve among the given characters.
+                if character_embeds:
                     cast = {name.lower() for name in character_embeds}
                     predicted = [name for name in predicted if name.lower() in cast]
             if reading.setting_logits is not None:
