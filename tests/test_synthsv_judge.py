@@ -10,6 +10,7 @@ from PIL import ImageFilter
 
 from storygptv.data.synthsv import (
     BACKGROUNDS,
+    CHARACTER_COLORS,
     CHARACTERS,
     SynthFrame,
     load_synthsv,
@@ -20,6 +21,7 @@ from storygptv.evaluation.metrics import background_accuracy, character_metrics
 from storygptv.evaluation.synthsv import (
     JudgedFrame,
     SynthSVJudge,
+    character_consistency,
     image_to_array,
     judge_frame,
     judge_frames,
@@ -175,3 +177,44 @@ def test_score_stories():
     assert 0.0 <= shifted["char_acc"] < 100.0 and shifted["bg_acc"] < 100.0
     with pytest.raises(ValueError):
         score_stories(generated[:2], stories)
+
+
+def _story_frames(index: int) -> list[np.ndarray]:
+    return [np.asarray(render_frame(f)[0]) for f in sample_story(index, split="test").frames]
+
+
+def test_consistency_of_exact_renders_is_near_perfect():
+    result = character_consistency([_story_frames(i) for i in range(20)])
+    assert result["color_drift"] == 0.0
+    assert result["silhouette_iou"] > 97 and result["sprite_iou"] > 97
+    assert result["characters"] > 0 and result["appearances"] >= result["characters"] * 2
+
+
+def test_consistency_drops_when_a_character_changes_colour_or_shape():
+    frame = SynthFrame(("Ava",), (1,), "standing", "forest")
+    image = np.asarray(render_frame(frame)[0]).copy()
+    x0, y0, x1, y1 = frame.boxes[0]
+    exact = character_consistency([[image, image]])
+    assert exact["color_drift"] == 0.0 and exact["silhouette_iou"] == 100.0
+
+    recoloured = image.copy()
+    sprite = (recoloured == CHARACTER_COLORS["Ava"]).all(-1)
+    recoloured[sprite] = (200, 40, 60)  # still Ava to the judge, a shifted red
+    drifted = character_consistency([[image, recoloured]])
+    assert drifted["color_drift"] == pytest.approx(np.linalg.norm(np.subtract((230, 30, 40), (200, 40, 60))))
+
+    plus = image.copy()
+    plus[y0:y1, x0:x1] = plus[y0, x0]  # the box's sky / ground corner colour
+    plus[y0 + 6 : y1 - 6, x0:x1] = CHARACTER_COLORS["Ava"]  # a plus sign, not a circle
+    plus[y0:y1, x0 + 6 : x1 - 6] = CHARACTER_COLORS["Ava"]
+    deformed = character_consistency([[image, plus]])
+    assert deformed["silhouette_iou"] < 70 and deformed["sprite_iou"] < exact["sprite_iou"] - 15
+
+
+def test_consistency_needs_two_appearances():
+    frame = SynthFrame(("Bo",), (0,), "jumping", "night")
+    empty = SynthFrame((), (), "standing", "night")
+    result = character_consistency([[render_frame(frame)[0], render_frame(empty)[0]]])
+    assert result["characters"] == 0 and result["appearances"] == 1
+    assert np.isnan(result["silhouette_iou"]) and np.isnan(result["color_drift"])
+    assert result["sprite_iou"] > 97

@@ -18,7 +18,16 @@ from .captions import bleu_scores, cider_score, tokenize_caption
 from .evaluate_modules import METRIC_NAMES, metric_path
 from .grounding import grounding_metrics, score_story_grounding
 from .metrics import background_accuracy, binarize, character_metrics
-from .synthsv import JudgedFrame, SynthSVJudge, image_to_array, judge_frame, judge_frames, score_stories
+from .synthsv import (
+    CharacterAppearance,
+    JudgedFrame,
+    SynthSVJudge,
+    character_consistency,
+    image_to_array,
+    judge_frame,
+    judge_frames,
+    score_stories,
+)
 
 #: Names imported on first use, by module (they need torch and transformers; ``.run`` and ``.report`` are the
 #: library of ``storygptv evaluate``).
@@ -66,6 +75,7 @@ __all__ = [
     "FIDInceptionV3",
     "FIDResult",
     "GenerationSettings",
+    "CharacterAppearance",
     "JudgedFrame",
     "StoryFrameClassifier",
     "StoryFrameClassifierConfig",
@@ -89,6 +99,7 @@ __all__ = [
     "generate_stories",
     "grounding_metrics",
     "image_to_array",
+    "character_consistency",
     "judge_frame",
     "judge_frames",
     "load_fid_inception",
