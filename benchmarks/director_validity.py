@@ -4,6 +4,10 @@ SynthSV test stories are told as prose (``storygptv.data.synthsv.story_prose``: 
 forest. They jumped."); the director asks the model for one frame per sentence (``num_frames`` = the story's
 length), with the story's characters as the cast and SynthSV's backgrounds as the settings. Printed:
 
+The director decodes with constraints (``StoryDirector``'s default: the code writes the JSON, the model fills in
+the captions and chooses among the allowed names, settings and frame ends); ``--unconstrained`` lets the model write
+the whole answer.
+
 - **valid on the first try** and **valid within the retries** (``--max-retries``, 2 by default), in % of stories;
 - the mean number of answers per valid script, and the first error of each rejected answer by kind;
 - **faithful frames**: of the valid scripts' frames, those whose characters are exactly the story frame's.
@@ -73,6 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=400)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="torch seed (the retries sample)")
+    parser.add_argument(
+        "--unconstrained",
+        action="store_true",
+        help="let the model write the whole JSON (StoryDirector(constrained=False)) instead of filling it in",
+    )
     parser.add_argument("--output", default=None, help="write the figures and every answer to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -82,7 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     director = StoryDirector.from_pretrained(
         args.model or smollm2_folder(),
         gguf_file=args.gguf_file or None,
-        director_kwargs={"max_retries": args.max_retries, "max_new_tokens": args.max_new_tokens},
+        director_kwargs={
+            "max_retries": args.max_retries,
+            "max_new_tokens": args.max_new_tokens,
+            "constrained": not args.unconstrained,
+        },
         dtype=torch.float32,
     )
     load_seconds = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -195,7 +196,7 @@ def tiny_chat_lm():
 
 def test_a_tiny_random_lm_goes_through_the_chat_template_and_retries():
     model, tokenizer = tiny_chat_lm()
-    director = StoryDirector(model, tokenizer, max_retries=1, max_new_tokens=6)
+    director = StoryDirector(model, tokenizer, max_retries=1, max_new_tokens=6, constrained=False)
     answer = director.generate(build_director_messages(STORY, CAST))
     assert answer.startswith('{"frames": [')  # the pre-filled start
     with pytest.raises(DirectorError, match="2 tries") as err:
@@ -229,7 +230,101 @@ def test_generation_stops_when_the_json_object_closes():
                     break
             return ids
 
-    answer = StoryDirector(Closer(), tokenizer, max_new_tokens=20, prefill='{"frames": [').generate(
-        build_director_messages(STORY, CAST)
+    director = StoryDirector(
+        Closer(), tokenizer, max_new_tokens=20, prefill='{"frames": [', constrained=False
     )
+    answer = director.generate(build_director_messages(STORY, CAST))
     assert answer.replace(" ", "") == '{"frames":[]}'
+
+
+# ---------------------------------------------------------------------------------------------- constrained
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("num_frames", [2, None])
+def test_constrained_answers_are_json_of_the_script_shape_with_cast_names(seed, num_frames):
+    from storygptv.script_decoding import ScriptDecoder
+
+    model, tokenizer = tiny_chat_lm()  # random weights: the structure must not depend on the model
+    decoder = ScriptDecoder(model, tokenizer, max_caption_tokens=4, max_frames=3)
+    torch.manual_seed(seed)
+    answer = decoder.write(
+        build_director_messages(STORY, CAST, num_frames=num_frames),
+        CAST,
+        settings=["forest", "beach"],
+        num_frames=num_frames,
+        with_boxes=True,
+        generation_kwargs={"do_sample": True, "temperature": 1.0},
+    )
+    data = json.loads(answer)
+    frames = data["frames"]
+    assert (len(frames) == num_frames) if num_frames else (1 <= len(frames) <= 3)
+    for frame in frames:
+        assert set(frame) == {"caption", "characters", "setting", "boxes"}
+        assert isinstance(frame["caption"], str) and "\n" not in frame["caption"]
+        assert set(frame["characters"]) <= set(CAST) and len(set(frame["characters"])) == len(
+            frame["characters"]
+        )
+        assert frame["setting"] in ("forest", "beach", None)
+        assert set(frame["boxes"]) == set(frame["characters"])
+        for x1, y1, x2, y2 in frame["boxes"].values():
+            assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+
+
+def test_constrained_choice_follows_the_models_likelihood():
+    from storygptv.script_decoding import ScriptDecoder
+
+    model, tokenizer = tiny_chat_lm()
+    options = [', "Ava"', ', "Bo"', "]"]
+    ids = [set(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
+
+    class Biased(torch.nn.Module):
+        """The tiny LM with a large bonus on the tokens of option ``target``."""
+
+        def __init__(self, target: int):
+            super().__init__()
+            self.inner, self.bonus = model, sorted(ids[target])
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits[..., self.bonus] += 50.0
+            return out
+
+    for target in range(3):
+        decoder = ScriptDecoder(Biased(target), tokenizer)
+        assert decoder.choose("assistant: ", options) == target
+
+
+def test_the_director_is_constrained_by_default_and_validates_the_answer():
+    model, tokenizer = tiny_chat_lm()
+    director = StoryDirector(model, tokenizer, max_retries=0, max_caption_tokens=3)
+    try:
+        script = director(STORY, cast=CAST, num_frames=2)
+    except DirectorError as err:  # a random model may write an empty caption: refused by the validation
+        assert all("caption" in e for e in err.errors)
+    else:
+        assert len(script) == 2 and all(set(c) <= set(CAST) for c in script.characters)
+        assert json.loads(script.answer)["frames"][0]["caption"] == script.captions[0]
+
+
+def test_constrained_frames_follow_the_sentences_when_they_are_the_frames():
+    from storygptv.director import split_sentences
+
+    model, tokenizer = tiny_chat_lm()
+    director = StoryDirector(model, tokenizer, max_retries=0, max_caption_tokens=3)
+    seen = []
+    write = director.decoder.write
+    director.decoder.write = lambda *args, **kwargs: seen.append((args, kwargs)) or write(*args, **kwargs)
+    for num_frames, expected in ((None, split_sentences(STORY)), (2, split_sentences(STORY)), (3, None)):
+        # a random model may write an empty caption (DirectorError); what was asked is checked below
+        with contextlib.suppress(DirectorError):
+            director(STORY, cast=CAST, num_frames=num_frames)
+        args, kwargs = seen[-1]
+        assert kwargs["sentences"] == expected
+        assert ('"sentence": ' in args[0][2]["content"]) == (expected is not None)  # the example shows them
+    answer = write(build_director_messages(STORY, CAST, with_sentences=True), CAST, sentences=["A.", "B."])
+    assert [frame["sentence"] for frame in json.loads(answer)["frames"]] == ["A.", "B."]

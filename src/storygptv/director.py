@@ -14,7 +14,11 @@ The JSON answer (:data:`SCRIPT_FORMAT`)::
     {"frames": [{"caption": "Ava and Bo are standing in the forest.", "characters": ["Ava", "Bo"],
                  "setting": "forest", "boxes": {"Ava": [0.1, 0.5, 0.4, 0.9], "Bo": [0.6, 0.5, 0.9, 0.9]}}]}
 
-How the output is kept to JSON (cheap constraints that work with any model and tokenizer):
+How the output is kept to JSON. By default (``constrained=True``) the code writes the JSON's structure and the
+model only fills in the values: free text for the captions, a likelihood-ranked choice among the allowed
+continuations for everything else (cast names, settings, frame count, box coordinates); see
+:mod:`storygptv.script_decoding`. With ``constrained=False`` (or a ``generate_fn``), the model writes the whole
+answer under cheap constraints that work with any model and tokenizer:
 
 - the assistant turn is pre-filled with the opening of the object (``{"frames": [``), so the model starts
   inside the JSON;
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +57,7 @@ __all__ = [
     "StoryScript",
     "build_director_messages",
     "parse_story_script",
+    "split_sentences",
 ]
 
 #: The JSON the director asks for (shown to the model with the cast's own names).
@@ -129,6 +135,16 @@ class StoryScript:
 
 
 # ---------------------------------------------------------------------------------------------- prompt
+def split_sentences(story: str) -> list[str]:
+    """The sentences of ``story`` (split after ``.``, ``!`` or ``?`` followed by white space).
+
+    Example:
+        >>> split_sentences("Ava and Bo went to the forest. They jumped!  Bo laughed.")
+        ['Ava and Bo went to the forest.', 'They jumped!', 'Bo laughed.']
+    """
+    return [part.strip() for part in re.split(r"(?<=[.!?])\s+", story.strip()) if part.strip()]
+
+
 def _cast_names(cast: Iterable[str] | Mapping[str, Any]) -> list[str]:
     names = list(cast.keys() if isinstance(cast, Mapping) else cast)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
@@ -170,9 +186,12 @@ def build_director_messages(
     settings: Sequence[str] | None = None,
     num_frames: int | None = None,
     with_boxes: bool = False,
+    with_sentences: bool = False,
 ) -> Messages:
     """The chat messages that ask a model for the script of ``story``: the instructions (system), a worked
-    example (:data:`EXAMPLE_STORY`, a user and an assistant turn), then the story (user).
+    example (:data:`EXAMPLE_STORY`, a user and an assistant turn), then the story (user). With
+    ``with_sentences``, each frame of the example starts with the sentence it draws (``"sentence"``), as the
+    constrained decoder writes them.
 
     Example:
         >>> messages = build_director_messages("Ava waved.", ["Ava", "Bo"], num_frames=1)
@@ -192,8 +211,12 @@ def build_director_messages(
         + SCRIPT_FORMAT.replace("}]}", (_BOXES_FORMAT if with_boxes else "") + "}]}")
     )
     example_frames = [
-        {**frame, **({"boxes": boxes} if with_boxes else {})}
-        for frame, boxes in zip(EXAMPLE_FRAMES, _EXAMPLE_BOXES)
+        {
+            **({"sentence": sentence} if with_sentences else {}),
+            **frame,
+            **({"boxes": boxes} if with_boxes else {}),
+        }
+        for sentence, frame, boxes in zip(split_sentences(EXAMPLE_STORY), EXAMPLE_FRAMES, _EXAMPLE_BOXES)
     ]
     example_settings = ["beach", "park"] if settings else None
     frames = "one per sentence" if num_frames is None else f"exactly {num_frames}"
@@ -387,7 +410,11 @@ class StoryDirector:
             ``{"do_sample": False}``).
         retry_generation_kwargs: those of the retries (default: sampling, ``{"do_sample": True, "temperature":
             0.7, "top_p": 0.9}``, so that a retry is not the greedy answer again; seed torch for reproducibility).
-        prefill: the start of the answer written into the assistant turn (``""``: none).
+        prefill: the start of the answer written into the assistant turn (``""``: none; unconstrained only).
+        constrained: write the JSON's structure in code and let the model fill in the values
+            (:class:`~storygptv.script_decoding.ScriptDecoder`): the answer is always JSON of the right shape
+            with names from the cast. ``False``: the model writes the whole answer (:meth:`generate`).
+        max_caption_tokens: with ``constrained``, the longest caption in tokens.
 
     Example:
         >>> director = StoryDirector(generate_fn=lambda m: '{"frames": [{"caption": "Bo sits."}]}')
@@ -406,6 +433,8 @@ class StoryDirector:
         generation_kwargs: Mapping[str, Any] | None = None,
         retry_generation_kwargs: Mapping[str, Any] | None = None,
         prefill: str = DEFAULT_PREFILL,
+        constrained: bool = True,
+        max_caption_tokens: int = 40,
     ) -> None:
         if generate_fn is None and (model is None or tokenizer is None):
             raise ValueError(
@@ -425,6 +454,12 @@ class StoryDirector:
             )
         self.model, self.tokenizer, self.generate_fn = model, tokenizer, generate_fn
         self.max_retries, self.max_new_tokens, self.prefill = max_retries, max_new_tokens, prefill
+        self.constrained = constrained
+        self.decoder = None
+        if model is not None and constrained:
+            from .script_decoding import ScriptDecoder
+
+            self.decoder = ScriptDecoder(model, tokenizer, max_caption_tokens=max_caption_tokens)
         self.generation_kwargs = {"do_sample": False, **(generation_kwargs or {})}
         self.retry_generation_kwargs = dict(
             retry_generation_kwargs
@@ -517,11 +552,28 @@ class StoryDirector:
         ):
             raise ValueError(f"`num_frames` must be None or an integer >= 1, got {num_frames!r}.")
         names = _cast_names(cast)
-        messages = build_director_messages(story, names, settings, num_frames, with_boxes)
+        # The constrained decoder writes each frame's sentence before the model's caption when the frames are
+        # the sentences: a small model then rewrites the sentence in front of it instead of recalling the story.
+        sentences = split_sentences(story) if self.decoder is not None else []
+        if num_frames is not None and num_frames != len(sentences):
+            sentences = []
+        messages = build_director_messages(story, names, settings, num_frames, with_boxes, bool(sentences))
         errors: list[str] = []
         answers: list[str] = []
         for _ in range(self.max_retries + 1):
-            answer = self.generate(messages, retry=bool(answers))
+            retry = bool(answers)
+            if self.decoder is not None:
+                answer = self.decoder.write(
+                    messages,
+                    names,
+                    settings,
+                    num_frames,
+                    with_boxes,
+                    self.retry_generation_kwargs if retry else self.generation_kwargs,
+                    sentences=sentences or None,
+                )
+            else:
+                answer = self.generate(messages, retry=retry)
             answers.append(answer)
             try:
                 script = parse_story_script(answer, names, settings, num_frames, with_boxes)
