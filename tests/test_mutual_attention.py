@@ -192,3 +192,27 @@ def test_bad_scene_inputs_are_clear_errors(unet):
     scene, text = inputs()
     with pytest.raises(RuntimeError, match="record the portraits"), state.activate("replay", step=3):
         unet(scene, 10, text)
+
+
+def test_extra_weight_shifts_attention_towards_the_portrait(unet):
+    scene, text = inputs(seed=0)
+    portrait, portrait_text = inputs(seed=1)
+    state = install_mutual_attention_processors(unet)
+    state.set_scene(
+        box_masks(), portrait_index=torch.tensor([[0]]), description_embeds=torch.randn(1, 1, 77, 32)
+    )
+    plain = run_replay(unet, state, scene, text, portrait, portrait_text)
+    mass = {}
+    for weight in (1.0, 8.0):
+        state.extra_weight, state.capture, state.probabilities = weight, True, {}
+        captured = run_replay(unet, state, scene, text, portrait, portrait_text)
+        state.capture = False
+        fast = run_replay(unet, state, scene, text, portrait, portrait_text)
+        torch.testing.assert_close(captured, fast, atol=1e-5, rtol=1e-5)  # both paths weigh the same way
+        name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+        (probabilities,) = state.probabilities[name]
+        inside = state.owners(probabilities.shape[0])[0] == 0
+        mass[weight] = probabilities[inside, probabilities.shape[0] :].sum(-1).mean().item()
+        if weight == 1.0:
+            assert torch.equal(fast, plain)  # weight 1 is the plain joint softmax
+    assert mass[8.0] > mass[1.0] + 0.1

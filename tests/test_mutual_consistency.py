@@ -38,10 +38,12 @@ def draw(pipe, prompt, **kwargs):
     return pipe(prompt, **kwargs)
 
 
-def test_char_ldm_mutual_without_masks_or_with_empty_masks_is_stock(char_ldm):
+def test_char_ldm_mutual_without_names_or_with_empty_masks_is_stock(char_ldm):
     processors = char_ldm.unet.attn_processors
+    with pytest.warns(UserWarning, match="not named"):
+        unnamed = draw(char_ldm, "The yard is empty.").images
+        assert np.array_equal(draw(char_ldm, "The yard is empty.", consistency="mutual").images, unnamed)
     stock = draw(char_ldm, "Fred and Barney are here.").images
-    assert np.array_equal(draw(char_ldm, "Fred and Barney are here.", consistency="mutual").images, stock)
     empty = {"Fred": np.zeros((32, 32))}  # a portrait is prepared and cached, but no pixel is Fred's
     out = draw(char_ldm, "Fred and Barney are here.", consistency="mutual", character_masks=[empty])
     assert np.array_equal(out.images, stock)
@@ -98,6 +100,11 @@ def test_story_uses_only_the_masks_of_the_frames_characters(story):
             {"consistency": "mutual", "mutual_attention": "sometimes"},
             ValueError,
             "`mutual_attention` must be",
+        ),
+        (
+            {"consistency": "mutual", "mutual_attention_weight": 0},
+            ValueError,
+            "`mutual_attention_weight` must be a number > 0",
         ),
         ({"character_masks": [None, None]}, ValueError, "consistency='mutual'"),
         (
@@ -184,3 +191,28 @@ def test_story_masks_from_cross_attention_when_none_are_given(story):
     assert np.array_equal(out.images[0], stock.images[0])
     assert not np.allclose(out.images[1], stock.images[1], atol=1e-4)
     assert all(story.unet.attn_processors[n] is p for n, p in processors.items())
+
+
+def test_char_ldm_masks_from_cross_attention_per_caption(char_ldm):
+    captions = ["The yard is empty.", "Fred and Barney are here."]
+    stock = draw(char_ldm, captions).images
+    seen = []
+    original = char_ldm.attention_masks
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    char_ldm.attention_masks = spy
+    out = draw(char_ldm, captions, consistency="mutual").images
+    assert [set(masks) for masks in seen] == [set(), {"Fred", "Barney"}]  # one call per image
+    assert not (seen[1]["Fred"].bool() & seen[1]["Barney"].bool()).any()
+    assert np.array_equal(out[0], stock[0])  # the caption without names is untouched
+    assert not np.allclose(out[1], stock[1], atol=1e-4)
+
+
+def test_char_ldm_mutual_with_prompt_embeds_needs_masks(char_ldm):
+    fred = {"Fred": CAST["Fred"]}
+    encoded = char_ldm.encode_fused(["Fred is here."], fred)
+    with pytest.raises(ValueError, match="needs `character_masks`"):
+        draw(char_ldm, None, characters=fred, prompt_embeds=encoded.prompt_embeds, consistency="mutual")

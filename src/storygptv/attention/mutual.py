@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -108,6 +109,9 @@ class MutualAttentionState:
         max_characters: most characters a scene may have (the config limit).
         capture: record the head-averaged probabilities of the masked rows in ``probabilities`` (slower; the
             output is the same up to float rounding).
+        extra_weight: how much more an owned pixel attends to its character's extra keys (portrait / description
+            tokens) than the softmax alone gives: ``log(extra_weight)`` is added to their logits (1: DreamStory's
+            plain joint softmax).
         probabilities: ``{layer: [(tokens, keys) per scene]}`` with keys = the scene's keys followed by every
             character's extra keys (its portrait tokens or description tokens), ``N * extra`` columns.
     """
@@ -119,6 +123,7 @@ class MutualAttentionState:
         self.cross_attention = True
         self.max_characters = max_characters
         self.capture = False
+        self.extra_weight = 1.0
         self.cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.probabilities: dict[str, list[torch.Tensor]] = {}
         self.clear_scene()
@@ -340,6 +345,7 @@ class _MaskedMutualAttnProcessor(AttnProcessor2_0):
         state = self.state
         out = out.clone()
         scale = query.shape[-1] ** -0.5
+        bias = math.log(state.extra_weight)
         for s, row in enumerate(state.scene_rows.tolist()):
             if not self.scene_uses_extra(s):
                 continue
@@ -357,6 +363,7 @@ class _MaskedMutualAttnProcessor(AttnProcessor2_0):
                 own = torch.ones(owner.shape[0], key.shape[2], dtype=torch.bool, device=owner.device)
                 permitted = torch.cat([own, permitted], 1)
                 logits = (query[row] @ keys.transpose(-1, -2)) * scale
+                logits[..., key.shape[2] :] += bias
                 logits = logits.masked_fill(~permitted.to(logits.device), float("-inf"))
                 probabilities = logits.float().softmax(-1).to(values.dtype)
                 state.probabilities.setdefault(self.name, []).append(probabilities.mean(0).detach())
@@ -368,7 +375,13 @@ class _MaskedMutualAttnProcessor(AttnProcessor2_0):
                 ok = allowed[s, character].to(key.device)
                 keys = torch.cat([key[row], extra_key[s, character][:, ok]], 1)
                 values = torch.cat([value[row], extra_value[s, character][:, ok]], 1)
-                out[row][:, pixels] = F.scaled_dot_product_attention(query[row][:, pixels], keys, values)
+                weights = None
+                if bias:
+                    weights = torch.zeros(keys.shape[1], dtype=query.dtype, device=query.device)
+                    weights[key.shape[2] :] = bias
+                out[row][:, pixels] = F.scaled_dot_product_attention(
+                    query[row][:, pixels], keys, values, attn_mask=weights
+                )
         return out
 
     def scene_uses_extra(self, scene: int) -> bool:

@@ -375,6 +375,7 @@ class CharLDMMixin:
         num_inference_steps: int,
         mode: str,
         device: torch.device,
+        extra_weight: float = 1.0,
     ) -> MutualConsistency:
         """The portraits of ``names`` for ``consistency="mutual"`` (see :mod:`.mutual_consistency`).
 
@@ -414,7 +415,15 @@ class CharLDMMixin:
             self.encode_negative(negative_prompt, 1, device) if self.do_classifier_free_guidance else None
         )
         mutual = MutualConsistency(
-            self.unet, self.scheduler, list(names), latents, noise, portrait_embeds, negative, mode
+            self.unet,
+            self.scheduler,
+            list(names),
+            latents,
+            noise,
+            portrait_embeds,
+            negative,
+            mode,
+            extra_weight=extra_weight,
         )
         try:
             mutual.record(num_inference_steps, device)

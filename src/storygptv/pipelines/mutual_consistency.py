@@ -37,8 +37,8 @@ CONSISTENCY_MODES: tuple[str | None, ...] = (None, "mutual")
 MUTUAL_ATTENTION_MODES: tuple[str, ...] = ("cache", "recompute")
 
 
-def check_consistency(consistency: Any, mutual_attention: Any) -> None:
-    """Clear errors for an unknown ``consistency`` or ``mutual_attention`` value."""
+def check_consistency(consistency: Any, mutual_attention: Any, mutual_attention_weight: Any = 1.0) -> None:
+    """Clear errors for an unknown ``consistency`` or ``mutual_attention`` value, or a bad weight."""
     if consistency not in CONSISTENCY_MODES:
         raise ValueError(
             f"`consistency` must be one of {list(CONSISTENCY_MODES)}, got {consistency!r}; use 'mutual' for "
@@ -48,6 +48,15 @@ def check_consistency(consistency: Any, mutual_attention: Any) -> None:
         raise ValueError(
             f"`mutual_attention` must be one of {list(MUTUAL_ATTENTION_MODES)}, got {mutual_attention!r}: 'cache' "
             "records the portraits' keys once per call, 'recompute' denoises them with every frame."
+        )
+    if (
+        isinstance(mutual_attention_weight, bool)
+        or not isinstance(mutual_attention_weight, numbers.Real)
+        or not mutual_attention_weight > 0
+    ):
+        raise ValueError(
+            f"`mutual_attention_weight` must be a number > 0, got {mutual_attention_weight!r} (1 is DreamStory's "
+            "plain attention; larger values pull the characters' pixels more towards their portraits)."
         )
 
 
@@ -168,7 +177,8 @@ class MutualConsistency:
     Built by the pipelines' ``prepare_mutual_consistency``: ``names`` are the characters with portraits,
     ``portrait_latents`` (N, C, h, w) their clean latents, ``portrait_noise`` the fixed noise, ``portrait_embeds``
     (N, L, D) their description embeddings (also MMCA's), ``negative_embeds`` (1, L, D) or ``None`` without
-    classifier-free guidance, ``mode`` ``"cache"`` or ``"recompute"``.
+    classifier-free guidance, ``mode`` ``"cache"`` or ``"recompute"``, ``extra_weight`` the state's
+    :attr:`~storygptv.attention.mutual.MutualAttentionState.extra_weight`.
     """
 
     def __init__(
@@ -181,6 +191,7 @@ class MutualConsistency:
         portrait_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
         mode: str,
+        extra_weight: float = 1.0,
     ) -> None:
         self.unet, self.scheduler = unet, scheduler
         self.names = names
@@ -190,6 +201,7 @@ class MutualConsistency:
         self.state = install_mutual_attention_processors(
             unet, state=MutualAttentionState(max_characters=max(len(names), 1))
         )
+        self.state.extra_weight = extra_weight
 
     @property
     def guided(self) -> bool:

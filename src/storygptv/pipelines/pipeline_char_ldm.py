@@ -114,6 +114,7 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
         consistency: str | None = None,
         character_masks: list[Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
         mutual_attention: str = "cache",
+        mutual_attention_weight: float = 1.0,
         character_descriptions: Mapping[str, str] | None = None,
     ) -> CharLDMPipelineOutput | tuple:
         r"""Generate one image per caption (times ``num_images_per_prompt``).
@@ -157,9 +158,14 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
             character_masks: with ``consistency="mutual"``, per caption ``None`` or ``{name: mask or box}`` (a
                 list with one entry per caption, or one dict for a single caption): a 2-D mask at the image's
                 aspect ratio, or a box ``(x0, y0, x1, y1)`` in pixels (floats in [0, 1]: fractions). A pixel
-                belongs to at most one character (largest coverage, ties to the earlier name).
+                belongs to at most one character (largest coverage, ties to the earlier name). ``None`` (the whole
+                argument): each caption's named characters get masks from their cross-attention at an early step
+                (:meth:`attention_masks`); a caption that names none is drawn as with ``consistency=None``.
             mutual_attention: ``"cache"`` (default): the portraits' keys / values are recorded once per call for
                 every step and reused; ``"recompute"``: the portraits are denoised in the same batch at every step.
+            mutual_attention_weight: how much more a character's pixels attend to its portrait and description
+                than DreamStory's plain joint softmax gives (``log(weight)`` is added to their attention logits;
+                default 1: none).
             character_descriptions: ``{name: portrait prompt}`` (default: the name), the portraits' conditioning
                 and the MMCA description.
 
@@ -176,7 +182,7 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
         self.check_generator(generator)
-        check_consistency(consistency, mutual_attention)
+        check_consistency(consistency, mutual_attention, mutual_attention_weight)
         num_prompts = (
             prompt_embeds.shape[0] if prompt_embeds is not None else len(self.as_prompt_list(prompt))
         )
@@ -245,22 +251,48 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
             latents,
         )
 
-        # 5. consistency="mutual": the portraits (reference latents, descriptions, cache) and each image's masks
+        # 5. consistency="mutual": each image's masks (the user's, or, without them, from the early cross-attention
+        #    of the caption's named characters) and the portraits (reference latents, descriptions, cache)
         mutual = None
-        names = [name for name in cast if any(name in frame for frame in masks)]
-        if consistency == "mutual" and names:
-            mutual = self.prepare_mutual_consistency(
-                cast,
-                names,
-                character_descriptions,
-                negative_prompt if isinstance(negative_prompt, str) else None,
-                height,
-                width,
-                num_inference_steps,
-                mutual_attention,
-                device,
-            )
-            mutual.set_scenes([masks[b // num_images_per_prompt] for b in range(latents.shape[0])])
+        if consistency == "mutual":
+            if character_masks is None:
+                if prompt is None:
+                    raise ValueError(
+                        "`consistency='mutual'` with `prompt_embeds` needs `character_masks`: the automatic masks "
+                        "come from the names' tokens in the caption."
+                    )
+                prompts = self.as_prompt_list(prompt)
+                image_masks = [
+                    self.attention_masks(
+                        latents[b : b + 1],
+                        prompts[b // num_images_per_prompt],
+                        text_embeds[b : b + 1],
+                        negative_prompt_embeds[b : b + 1] if negative_prompt_embeds is not None else None,
+                        list(cast),
+                        num_inference_steps,
+                        height,
+                        width,
+                        device,
+                    )
+                    for b in range(latents.shape[0])
+                ]
+            else:
+                image_masks = [masks[b // num_images_per_prompt] for b in range(latents.shape[0])]
+            names = [name for name in cast if any(name in frame for frame in image_masks)]
+            if names:
+                mutual = self.prepare_mutual_consistency(
+                    cast,
+                    names,
+                    character_descriptions,
+                    negative_prompt if isinstance(negative_prompt, str) else None,
+                    height,
+                    width,
+                    num_inference_steps,
+                    mutual_attention,
+                    device,
+                    extra_weight=mutual_attention_weight,
+                )
+                mutual.set_scenes(image_masks)
 
         # 6. Denoise with delayed conditioning
         try:

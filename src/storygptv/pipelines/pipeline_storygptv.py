@@ -399,6 +399,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         consistency: str | None = None,
         character_masks: list[Mapping[str, Any] | None] | None = None,
         mutual_attention: str = "cache",
+        mutual_attention_weight: float = 1.0,
         character_descriptions: Mapping[str, str] | None = None,
     ) -> StoryGPTVPipelineOutput | tuple:
         r"""Generate one image per caption of a story.
@@ -460,6 +461,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             mutual_attention: ``"cache"`` (default): the portraits' keys / values are recorded once per story for
                 every step and reused by every frame; ``"recompute"``: the portraits are denoised in the same batch
                 as each frame, at every step.
+            mutual_attention_weight: how much more a character's pixels attend to its portrait and description
+                than DreamStory's plain joint softmax gives (``log(weight)`` is added to their attention logits;
+                default 1: none).
             character_descriptions: ``{name: portrait prompt}`` (default: the name), the portraits' conditioning
                 and the MMCA description.
 
@@ -474,7 +478,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         frame_latents = self.check_frame_latents(latents, len(captions), height, width)
         if characters is not None and character_embeds is not None:
             raise ValueError("Pass either `characters` (reference images) or `character_embeds`, not both.")
-        check_consistency(consistency, mutual_attention)
+        check_consistency(consistency, mutual_attention, mutual_attention_weight)
         if character_masks is not None and consistency != "mutual":
             raise ValueError(
                 "`character_masks` are used with `consistency='mutual'`; pass that too, or no masks."
@@ -531,6 +535,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 num_inference_steps,
                 mutual_attention,
                 device,
+                extra_weight=mutual_attention_weight,
             )
 
         # 6. Each frame: conditioning -> latents -> denoise (attending to the portraits of its masked characters)
