@@ -87,6 +87,28 @@ def test_write_caption_samples_reproducibly_and_never_writes_layout_tokens():
         assert not layout & set(ids)
 
 
+def test_write_caption_names_a_cast_member_once_and_never_a_stranger():
+    context = story_context()
+    tokenizer = context.processor.tokenizer
+    # "Fred" and "They" are single tokens of the tiny tokenizer: a model fond of them writes them whole
+    fred, they = context._name_start_ids("Fred"), context._name_start_ids("They")
+    run = context._run
+
+    def fond_of_names(*args, **kwargs):
+        out = run(*args, **kwargs)
+        out.logits[..., fred] += 100.0
+        out.logits[..., they] += 50.0
+        return out
+
+    context._run = fond_of_names
+    free = context.write_caption(8)
+    assert tokenizer.decode(free).count("Fred") >= 2  # unconstrained, the name repeats
+    once = tokenizer.decode(context.write_caption(8, once=["Fred", "They"]))
+    assert once.count("Fred") == 1 and once.count("They") == 1
+    never = tokenizer.decode(context.write_caption(8, once=["They"], never=["Fred"]))
+    assert "Fred" not in never and never.count("They") == 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

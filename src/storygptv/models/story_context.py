@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from ..characters import find_character_mentions
 from .modeling_storygptv import NextFrameOutput, StoryGPTVForConditionalGeneration
 from .story_inputs import StoryTokens, history_segment, target_segment
 
@@ -223,6 +224,8 @@ class StoryContext:
         max_new_tokens: int = 40,
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
+        once: Sequence[str] = (),
+        never: Sequence[str] = (),
     ) -> list[int]:
         """The caption of the next frame, written by the story LLM from the story so far (not committed).
 
@@ -235,6 +238,9 @@ class StoryContext:
             max_new_tokens: the longest caption, in tokens.
             temperature: 0 (default) decodes greedily; a positive value samples from the softened logits.
             generator: the random generator of sampling.
+            once: names written at most once per caption (the cast: "Fay and Fay" cannot be written). Once a name
+                is in the caption, the first token of the name (alone, and after a space) is banned.
+            never: names never written (characters the story does not have), banned the same way.
 
         Returns:
             The caption's token ids (decode them with ``processor.decode``).
@@ -256,6 +262,10 @@ class StoryContext:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens!r}.")
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
+        if (once or never) and self.processor is None:
+            raise ValueError(
+                "`once` / `never` need the context's processor (its tokenizer) to find the names."
+            )
         prefix = list(self.tokens.caption_prefix_ids)
         self._ensure_started()
         self._fit_budget(len(prefix) + max_new_tokens, "written caption")
@@ -278,10 +288,16 @@ class StoryContext:
             )
             if m
         ]
+        banned += [t for name in never for t in self._name_start_ids(name)]
         ids: list[int] = []
         while len(ids) < max_new_tokens:
             scores = logits[0].float().clone()
             scores[[i for i in banned if i < scores.shape[0]]] = float("-inf")
+            if once and ids:
+                written = self.processor.decode(ids)
+                used = [m.name for m in find_character_mentions(written, list(once))]
+                starts = [t for name in used for t in self._name_start_ids(name)]
+                scores[[i for i in starts if i < scores.shape[0]]] = float("-inf")
             if temperature > 0:
                 probs = torch.softmax(scores / temperature, -1)
                 token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -302,6 +318,15 @@ class StoryContext:
         self.cache_length = committed
         self.last_call_tokens = self.llm_tokens_total - before
         return ids
+
+    def _name_start_ids(self, name: str) -> list[int]:
+        """The first token of ``name`` at the start of a text and after a space."""
+        tokenizer = self.processor.tokenizer
+        return [
+            ids[0]
+            for ids in (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (name, " " + name))
+            if ids
+        ]
 
     @torch.no_grad()
     def next_frame_conditioning(

@@ -659,7 +659,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 :class:`~storygptv.models.story_context.StoryContext` with at least one frame, or a list of
                 captions, which are drawn first (with the same arguments) and are not part of the output.
             num_frames: the frames to add (>= 1).
-            characters, character_embeds: the cast, as in :meth:`__call__` (pass it again to continue).
+            characters, character_embeds: the cast, as in :meth:`__call__` (pass it again to continue). A written
+                caption names each cast member at most once, and no other character the story model knows
+                (``StoryContext.write_caption``'s ``once`` / ``never``).
             generator: one ``torch.Generator`` for every frame (the caption sampling included), or one per new
                 frame (per caption, then per new frame, when ``story`` is a list of captions).
             max_caption_tokens: the longest caption the model may write, in tokens.
@@ -744,10 +746,19 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         kwargs.pop("context_window", None)  # the context keeps its own window
         processor = context.processor if context.processor is not None else self.story_processor
 
+        # A written caption names each cast member at most once, and no character the model knows outside the cast.
+        cast_names = list(characters or character_embeds or [])
+        strangers = [
+            name
+            for name in self.story_model.config.grounding_characters or []
+            if cast_names and name.lower() not in {n.lower() for n in cast_names}
+        ]
         outputs, written = [], []
         for index in range(num_frames):
             frame_generator = generator[index] if isinstance(generator, list) else generator
-            ids = context.write_caption(max_caption_tokens, temperature, frame_generator)
+            ids = context.write_caption(
+                max_caption_tokens, temperature, frame_generator, once=cast_names, never=strangers
+            )
             caption = processor.decode_caption(ids)
             if not caption:
                 warnings.warn(
