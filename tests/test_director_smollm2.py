@@ -35,7 +35,7 @@ def director():
     )
 
 
-def test_smollm2_scripts_synthsv_stories_or_fails_clearly(director):
+def test_smollm2_scripts_synthsv_stories(director):
     torch.manual_seed(0)
     outcomes = []
     for story in sample_stories(range(3), "test", 3):
@@ -52,5 +52,7 @@ def test_smollm2_scripts_synthsv_stories_or_fails_clearly(director):
         assert all(set(names) <= set(cast) for names in script.characters)
         assert all(s is None or s in BACKGROUNDS for s in script.settings)
         outcomes.append(True)
-    assert len(outcomes) == 3
     print("valid:", outcomes)
+    # constrained decoding (the default) makes every answer a script of the right shape: 10 of 10 on the first
+    # try in benchmarks/director_validity.py; unconstrained, the model never closed its JSON
+    assert outcomes == [True, True, True]
