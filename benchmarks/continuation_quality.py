@@ -12,6 +12,9 @@ frames. Every written caption is checked with SynthSV's caption grammar
   characters); a later one's is the previous continued caption's characters (its names, or what its pronoun
   referred to).
 
+With ``--grammar`` the captions are written inside the grammar, naming only the story's characters
+(``continue_story(..., caption_constraint=caption_prefix_validator(cast))``).
+
 Also printed: how often the subject is a pronoun, how often the caption copies one of the story's earlier
 captions, and the frames drawn with the characters the caption means (``output.characters``).
 
@@ -34,6 +37,7 @@ import storygptv
 from storygptv import StoryGPTVPipeline
 from storygptv.data.synthsv import (
     CHARACTERS,
+    caption_prefix_validator,
     check_reference,
     parse_caption,
     reference_images,
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy captions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--grammar",
+        action="store_true",
+        help="write the captions inside SynthSV's grammar (caption_constraint=caption_prefix_validator(cast))",
+    )
     parser.add_argument(
         "--output", default=None, help="write the figures and every caption to this JSON file"
     )
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
                 temperature=args.temperature,
+                caption_constraint=caption_prefix_validator(cast) if args.grammar else None,
                 generator=generator,
                 output_type="latent",
             )

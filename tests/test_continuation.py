@@ -109,6 +109,31 @@ def test_write_caption_names_a_cast_member_once_and_never_a_stranger():
     assert "Fred" not in never and never.count("They") == 1
 
 
+def test_write_caption_stays_inside_a_constraint():
+    context = story_context()
+    decode = context.processor.decode_caption
+    target = "Fred is in the yard."
+
+    def starts_target(text):
+        return target.startswith(text)
+
+    def check(ids):
+        written = decode(ids).strip()
+        assert written and target.startswith(written)  # never outside the constraint
+        if written != target:  # it stopped early only where no token continues the target
+            longer = [decode([*ids, t]).strip() for t in range(context.model.config.text_config.vocab_size)]
+            assert not any(target.startswith(x) and len(x) > len(written) for x in longer)
+
+    check(context.write_caption(20, constraint=starts_target))
+    for seed in range(3):
+        check(
+            context.write_caption(
+                20, temperature=2.0, generator=torch.Generator().manual_seed(seed), constraint=starts_target
+            )
+        )
+    assert context.write_caption(20, constraint=lambda text: False) == []  # nothing fits: an empty caption
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from storygptv.data.synthsv import check_reference, make_caption, parse_caption, sample_stories
+from storygptv.data.synthsv import (
+    caption_prefix_validator,
+    check_reference,
+    make_caption,
+    parse_caption,
+    sample_stories,
+)
 
 
 def test_every_sampled_caption_parses_and_refers_to_the_previous_frame():
@@ -50,3 +56,23 @@ def test_pronouns_must_match_the_previous_frame():
 def test_non_strings_are_a_clear_error():
     with pytest.raises(TypeError, match="`caption` must be a string"):
         parse_caption(None)
+
+
+def test_caption_prefix_validator_accepts_the_grammar_and_its_prefixes_only():
+    cast = ["Ava", "Bo", "Cleo"]
+    valid = caption_prefix_validator(cast)
+    for story in sample_stories(range(40), "test", 4):
+        for caption in story.referential_captions:
+            if all(name in cast for name in parse_caption(caption).characters):
+                assert valid(caption) and all(valid(caption[:k]) for k in range(len(caption)))
+    for caption in (
+        "Ava and Bo is jumping.",  # agreement
+        "Ava and Ava are jumping.",  # a name twice
+        "Dax is jumping.",  # not in the cast
+        "They are flying.",  # not an action
+        "She is waving in the forest. She",  # past the end
+        "Ava, Bo are sitting.",  # a list of three needs "and"
+    ):
+        assert not valid(caption), caption
+    for text in ("Ava, Bo and Cleo are sit", "  They are waving in the l", "He is"):
+        assert valid(text), text

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,6 +226,7 @@ class StoryContext:
         generator: torch.Generator | None = None,
         once: Sequence[str] = (),
         never: Sequence[str] = (),
+        constraint: Callable[[str], bool] | None = None,
     ) -> list[int]:
         """The caption of the next frame, written by the story LLM from the story so far (not committed).
 
@@ -241,6 +242,9 @@ class StoryContext:
             once: names written at most once per caption (the cast: "Fay and Fay" cannot be written). Once a name
                 is in the caption, the first token of the name (alone, and after a space) is banned.
             never: names never written (characters the story does not have), banned the same way.
+            constraint: ``constraint(text) -> bool``, whether a caption may start with ``text`` (e.g. a grammar's
+                :func:`~storygptv.data.synthsv.caption_prefix_validator`). Each step takes the likeliest token
+                (or samples among the tokens) that keeps it True; when no token does, the caption ends there.
 
         Returns:
             The caption's token ids (decode them with ``processor.decode``).
@@ -262,9 +266,9 @@ class StoryContext:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens!r}.")
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
-        if (once or never) and self.processor is None:
+        if (once or never or constraint) and self.processor is None:
             raise ValueError(
-                "`once` / `never` need the context's processor (its tokenizer) to find the names."
+                "`once` / `never` / `constraint` need the context's processor (its tokenizer) to read the caption."
             )
         prefix = list(self.tokens.caption_prefix_ids)
         self._ensure_started()
@@ -298,6 +302,10 @@ class StoryContext:
                 used = [m.name for m in find_character_mentions(written, list(once))]
                 starts = [t for name in used for t in self._name_start_ids(name)]
                 scores[[i for i in starts if i < scores.shape[0]]] = float("-inf")
+            if constraint is not None:
+                scores = self._constrain(scores, ids, constraint, eos, first_only=temperature == 0)
+                if not torch.isfinite(scores).any():
+                    break  # nothing the constraint allows: the caption ends here
             if temperature > 0:
                 probs = torch.softmax(scores / temperature, -1)
                 token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -318,6 +326,32 @@ class StoryContext:
         self.cache_length = committed
         self.last_call_tokens = self.llm_tokens_total - before
         return ids
+
+    def _constrain(
+        self,
+        scores: torch.Tensor,
+        ids: list[int],
+        constraint: Callable[[str], bool],
+        eos: int | None,
+        first_only: bool,
+    ) -> torch.Tensor:
+        """``scores`` with every token that would break ``constraint``, write nothing, or end the text set to ``-inf``.
+
+        Tokens are tried from the likeliest down; ``first_only`` (greedy decoding) stops at the first allowed one,
+        so a large vocabulary costs little. Sampling tries every token.
+        """
+        allowed = torch.full_like(scores, float("-inf"))
+        before = self.processor.decode_caption(ids).strip()
+        for token in scores.argsort(descending=True).tolist():
+            if not torch.isfinite(scores[token]):
+                break
+            text = self.processor.decode_caption([*ids, token]).strip()
+            # a token that writes nothing (an unused or special id) does not move the caption on
+            if token != eos and text != before and constraint(text):
+                allowed[token] = scores[token]
+                if first_only:
+                    break
+        return allowed
 
     def _name_start_ids(self, name: str) -> list[int]:
         """The first token of ``name`` at the start of a text and after a space."""

@@ -641,6 +641,7 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         max_caption_tokens: int = 40,
         temperature: float = 0.0,
+        caption_constraint: Callable[[str], bool] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_frame_end: Callable[[StoryGPTVPipeline, int, PIL.Image.Image], None] | None = None,
@@ -666,6 +667,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
                 frame (per caption, then per new frame, when ``story`` is a list of captions).
             max_caption_tokens: the longest caption the model may write, in tokens.
             temperature: 0 (default) writes greedily; a positive value samples the captions.
+            caption_constraint: ``constraint(text) -> bool``, whether a caption may start with ``text``: the
+                captions are written inside it token by token (e.g. SynthSV's grammar:
+                ``storygptv.data.synthsv.caption_prefix_validator(cast)``).
             output_type, return_dict, callback_on_frame_end: as in :meth:`__call__` (the callback's frame index
                 counts the new frames from 0).
             **kwargs: other arguments of :meth:`__call__` (``num_inference_steps``, ``guidance_scale``,
@@ -757,7 +761,12 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
         for index in range(num_frames):
             frame_generator = generator[index] if isinstance(generator, list) else generator
             ids = context.write_caption(
-                max_caption_tokens, temperature, frame_generator, once=cast_names, never=strangers
+                max_caption_tokens,
+                temperature,
+                frame_generator,
+                once=cast_names,
+                never=strangers,
+                constraint=caption_constraint,
             )
             caption = processor.decode_caption(ids)
             if not caption:

@@ -57,7 +57,7 @@ Example:
 """
 
 from .dataset import load_synthsv, materialize_synthsv, synthsv_features
-from .grammar import ParsedCaption, check_reference, parse_caption, story_prose
+from .grammar import ParsedCaption, caption_prefix_validator, check_reference, parse_caption, story_prose
 from .render import reference_images, render_frame, render_synthsv_batch
 from .sampling import split_of_captions
 from .spec import (
@@ -87,6 +87,7 @@ __all__ = [
     "CHARACTER_COLORS",
     "PRONOUNS",
     "ParsedCaption",
+    "caption_prefix_validator",
     "REFERENCE_GREY",
     "SHAPES",
     "SLOT_X",

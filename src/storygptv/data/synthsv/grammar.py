@@ -27,12 +27,20 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import permutations
 
 from .spec import ACTIONS, BACKGROUNDS, CHARACTERS, PRONOUNS, join_names
 
-__all__ = ["PAST_TENSE", "ParsedCaption", "check_reference", "parse_caption", "story_prose"]
+__all__ = [
+    "PAST_TENSE",
+    "ParsedCaption",
+    "caption_prefix_validator",
+    "check_reference",
+    "parse_caption",
+    "story_prose",
+]
 
 #: How :func:`story_prose` tells each action.
 PAST_TENSE: dict[str, str] = {
@@ -102,6 +110,51 @@ def parse_caption(caption: str) -> ParsedCaption | None:
     if match["verb"] != ("are" if plural else "is"):
         return None
     return ParsedCaption(subject, names, pronoun, match["action"], match["background"])
+
+
+def caption_prefix_validator(names: Iterable[str] = CHARACTERS) -> Callable[[str], bool]:
+    """A test of whether a text can still become a caption of the grammar (module doc) naming only ``names``.
+
+    ``validator(text)`` is True when ``text`` (leading white space ignored) is a caption or the start of one, so
+    a decoder can keep a model inside the grammar token by token: ``continue_story(...,
+    caption_constraint=caption_prefix_validator(cast))``. Subjects are one to three distinct ``names`` or a
+    pronoun, with the verb that agrees.
+
+    Example:
+        >>> valid = caption_prefix_validator(["Ava", "Bo"])
+        >>> valid("Ava and B"), valid("Ava and Bo are jump"), valid("Ava and Bo is"), valid("Ava and Ava")
+        (True, True, False, False)
+        >>> valid("Cleo"), valid("They are waving in the lake."), valid("They are waving in the lake. And")
+        (False, True, False)
+    """
+    names = [name for name in CHARACTERS if name in set(names)] + [
+        name for name in names if name not in CHARACTERS
+    ]
+    heads = [f"{pronoun} is " for pronoun in ("He", "She")] + ["They are "]
+    for count in (1, 2, 3):
+        heads += [
+            f"{join_names(list(group))} {'is' if count == 1 else 'are'} "
+            for group in permutations(names, count)
+        ]
+    actions = list(ACTIONS)
+    endings = ["."] + [f" in the {background}." for background in BACKGROUNDS]
+
+    def valid(text: str) -> bool:
+        text = text.lstrip()
+        for head in heads:
+            if head.startswith(text):
+                return True
+            if not text.startswith(head):
+                continue
+            rest = text[len(head) :]
+            for action in actions:
+                if action.startswith(rest):
+                    return True
+                if rest.startswith(action) and any(e.startswith(rest[len(action) :]) for e in endings):
+                    return True
+        return False
+
+    return valid
 
 
 def check_reference(
