@@ -6,7 +6,7 @@
   by Char-LDM with ``consistency="mutual"`` and a box per character, at weight 1 and 64 (the rows below): the
   boxes say who is where, the portraits what they look like.
 - ``mode_continue.png``: the README story's first two captions, then two frames the story model writes itself
-  (``continue_story``).
+  (``continue_story`` inside SynthSV's caption grammar).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 import storygptv
 from storygptv import CharLDMPipeline, StoryGPTVPipeline, make_storyboard
-from storygptv.data.synthsv import reference_images
+from storygptv.data.synthsv import caption_prefix_validator, reference_images
 
 HERE = Path(__file__).parent
 MUTUAL_STORY = ["Ava and Bo are standing in the forest.", "They are jumping in the forest.", "She is waving."]
@@ -67,7 +67,11 @@ def main() -> None:
     start = ["Ava and Bo are standing in the forest.", "They are jumping."]
     story = story_pipe(start, characters=cast, generator=torch.Generator().manual_seed(0))
     more = story_pipe.continue_story(
-        story, num_frames=2, characters=cast, generator=torch.Generator().manual_seed(1)
+        story,
+        num_frames=2,
+        characters=cast,
+        caption_constraint=caption_prefix_validator(cast),
+        generator=torch.Generator().manual_seed(1),
     )
     captions = [*start, *(f"(written) {c}" for c in more.written_captions)]
     make_storyboard([*story.images, *more.images], captions, frame_size=160).save(HERE / "mode_continue.png")
