@@ -30,6 +30,18 @@ def char_ldm(components):
     return pipe
 
 
+def record_masks(pipe):
+    """The masks each call of ``pipe.attention_masks`` returns, in a list that fills as the pipeline runs."""
+    seen, original = [], pipe.attention_masks
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    pipe.attention_masks = spy
+    return seen
+
+
 def draw(pipe, prompt, **kwargs):
     kwargs.setdefault("characters", CAST)
     kwargs.setdefault("num_inference_steps", 2)
@@ -174,14 +186,7 @@ def test_boxes_in_pixels_and_fractions():
 def test_story_masks_from_cross_attention_when_none_are_given(story):
     captions = ["The yard is empty.", "Fred and Barney are in the yard."]
     stock = draw(story, captions)
-    seen = []
-    original = story.attention_masks
-
-    def spy(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    story.attention_masks = spy
+    seen = record_masks(story)
     processors = story.unet.attn_processors
     out = draw(story, captions, consistency="mutual")
     assert len(seen) == 1 and set(seen[0]) == {"Fred", "Barney"}  # only the frame with characters
@@ -196,14 +201,7 @@ def test_story_masks_from_cross_attention_when_none_are_given(story):
 def test_char_ldm_masks_from_cross_attention_per_caption(char_ldm):
     captions = ["The yard is empty.", "Fred and Barney are here."]
     stock = draw(char_ldm, captions).images
-    seen = []
-    original = char_ldm.attention_masks
-
-    def spy(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    char_ldm.attention_masks = spy
+    seen = record_masks(char_ldm)
     out = draw(char_ldm, captions, consistency="mutual").images
     assert [set(masks) for masks in seen] == [set(), {"Fred", "Barney"}]  # one call per image
     assert not (seen[1]["Fred"].bool() & seen[1]["Barney"].bool()).any()
