@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 
 import pytest
@@ -293,6 +294,9 @@ def test_constrained_choice_follows_the_models_likelihood():
             out = self.inner(**kwargs)
             out.logits[..., self.bonus] += 50.0
             return out
+
+        # the decoder reads the cache argument's name from the signature (`cache` or `past_key_values`)
+        forward.__signature__ = inspect.signature(model.forward)
 
     for target in range(3):
         decoder = ScriptDecoder(Biased(target), tokenizer)

@@ -165,8 +165,7 @@ class ScriptDecoder:
                     break
                 answer += options[pick]
                 shown.append(left[pick])
-            if not answer.endswith("]"):
-                answer += "]"
+            answer += "]"  # the list's end is a choice above, but written here
             answer += ', "setting": '
             if settings:
                 options = [json.dumps(s) for s in settings] + ["null"]
