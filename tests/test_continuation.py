@@ -248,3 +248,13 @@ def test_bad_input_is_a_clear_error(pipe, story, kwargs, error, match):
     kwargs.setdefault("characters", CAST)
     with pytest.raises(error, match=match):
         pipe.continue_story(stories[story](), num_inference_steps=1, **kwargs)
+
+
+def test_continue_story_reads_a_context_without_a_processor_with_the_pipelines(pipe):
+    story = draw(pipe)
+    context = story.story_context
+    context.processor = None  # e.g. a StoryContext(model) built by hand
+    more = pipe.continue_story(
+        context, num_frames=1, characters=CAST, num_inference_steps=2, output_type="np"
+    )
+    assert len(more.images) == 1 and context.processor is not None

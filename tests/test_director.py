@@ -257,6 +257,8 @@ def test_constrained_answers_are_json_of_the_script_shape_with_cast_names(seed, 
     )
     data = json.loads(answer)
     frames = data["frames"]
+    if all(frame["caption"].strip() for frame in frames):  # the director's own validation accepts it
+        parse_story_script(answer, CAST, ["forest", "beach"], num_frames, with_boxes=True)
     assert (len(frames) == num_frames) if num_frames else (1 <= len(frames) <= 3)
     for frame in frames:
         assert set(frame) == {"caption", "characters", "setting", "boxes"}
@@ -301,6 +303,18 @@ def test_constrained_choice_follows_the_models_likelihood():
     for target in range(3):
         decoder = ScriptDecoder(Biased(target), tokenizer)
         assert decoder.choose("assistant: ", options) == target
+
+
+def test_constrained_characters_start_with_the_names_the_caption_mentions():
+    from storygptv.script_decoding import ScriptDecoder
+
+    model, tokenizer = tiny_chat_lm()
+    decoder = ScriptDecoder(model, tokenizer, max_caption_tokens=4)
+    decoder.free_text = lambda prefix, kwargs: "Bo and Ava are jumping."  # a caption naming two of the cast
+    answer = decoder.write(build_director_messages(STORY, CAST), CAST, num_frames=1, with_boxes=True)
+    frame = json.loads(answer)["frames"][0]
+    assert frame["characters"][:2] == ["Bo", "Ava"] and set(frame["boxes"]) == {"Ava", "Bo"}
+    assert parse_story_script(answer, CAST, num_frames=1, with_boxes=True).characters == [["Bo", "Ava"]]
 
 
 def test_the_director_is_constrained_by_default_and_validates_the_answer():

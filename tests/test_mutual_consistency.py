@@ -116,8 +116,14 @@ def test_story_uses_only_the_masks_of_the_frames_characters(story):
         (
             {"consistency": "mutual", "mutual_attention_weight": 0},
             ValueError,
-            "`mutual_attention_weight` must be a number > 0",
+            "`mutual_attention_weight` must be a finite number > 0",
         ),
+        (
+            {"consistency": "mutual", "mutual_attention_weight": float("inf")},
+            ValueError,
+            "`mutual_attention_weight` must be a finite number > 0",
+        ),
+        ({"mutual_attention_weight": 8.0}, ValueError, "used with `consistency='mutual'`"),
         ({"character_masks": [None, None]}, ValueError, "consistency='mutual'"),
         (
             {"consistency": "mutual", "character_masks": [None]},

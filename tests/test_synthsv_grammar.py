@@ -76,3 +76,10 @@ def test_caption_prefix_validator_accepts_the_grammar_and_its_prefixes_only():
         assert not valid(caption), caption
     for text in ("Ava, Bo and Cleo are sit", "  They are waving in the l", "He is"):
         assert valid(text), text
+
+
+def test_caption_prefix_validator_takes_any_iterable_and_refuses_unknown_names():
+    valid = caption_prefix_validator(name for name in ["Ava", "Bo", "Bo"])  # a generator, a repeat
+    assert valid("Bo is jumping.") and valid("Ava and Bo are jumping.") and not valid("Bo and Bo are")
+    with pytest.raises(ValueError, match=r"`names` \['Zed'\] are not SynthSV characters"):
+        caption_prefix_validator(["Ava", "Zed"])

@@ -136,13 +136,27 @@ class StoryScript:
 
 # ---------------------------------------------------------------------------------------------- prompt
 def split_sentences(story: str) -> list[str]:
-    """The sentences of ``story`` (split after ``.``, ``!`` or ``?`` followed by white space).
+    """The sentences of ``story``: split after ``.``, ``!`` or ``?`` and white space, but not after a title
+    (Mr., Mrs., Ms., Dr., St., Prof., Jr., Sr.) or an initial ("J. Smith").
 
     Example:
         >>> split_sentences("Ava and Bo went to the forest. They jumped!  Bo laughed.")
         ['Ava and Bo went to the forest.', 'They jumped!', 'Bo laughed.']
+        >>> split_sentences("Fred met Mr. Slate at the quarry. They talked.")
+        ['Fred met Mr. Slate at the quarry.', 'They talked.']
     """
-    return [part.strip() for part in re.split(r"(?<=[.!?])\s+", story.strip()) if part.strip()]
+    parts = re.split(r"(?<=[.!?])\s+", story.strip())
+    sentences: list[str] = []
+    for part in parts:
+        if sentences and _NOT_A_SENTENCE_END.search(sentences[-1]):
+            sentences[-1] += " " + part
+        else:
+            sentences.append(part)
+    return [sentence.strip() for sentence in sentences if sentence.strip()]
+
+
+#: Words whose final period does not end a sentence: titles and single-letter initials.
+_NOT_A_SENTENCE_END = re.compile(r"(?:^|\s)(?:Mr|Mrs|Ms|Dr|St|Prof|Jr|Sr|[A-Z])\.$")
 
 
 def _cast_names(cast: Iterable[str] | Mapping[str, Any]) -> list[str]:
@@ -405,11 +419,13 @@ class StoryDirector:
         generate_fn: instead of ``model`` / ``tokenizer``, a function ``messages -> answer text`` (another
             backend, or scripted answers in tests).
         max_retries: answers sent back with their error before giving up (``0``: one try).
-        max_new_tokens: the longest answer.
+        max_new_tokens: the longest answer (unconstrained only; a constrained caption is at most
+            ``max_caption_tokens``).
         generation_kwargs: more ``model.generate`` arguments of the first try (default greedy:
             ``{"do_sample": False}``).
         retry_generation_kwargs: those of the retries (default: sampling, ``{"do_sample": True, "temperature":
-            0.7, "top_p": 0.9}``, so that a retry is not the greedy answer again; seed torch for reproducibility).
+            0.7, "top_p": 0.9}``, so that a retry is not the greedy answer again; seed torch for reproducibility). With ``constrained``, they drive the
+            captions, and a ``temperature`` with ``do_sample`` also samples the choices (names, settings, boxes).
         prefill: the start of the answer written into the assistant turn (``""``: none; unconstrained only).
         constrained: write the JSON's structure in code and let the model fill in the values
             (:class:`~storygptv.script_decoding.ScriptDecoder`): the answer is always JSON of the right shape
@@ -538,7 +554,8 @@ class StoryDirector:
             story: the story as prose.
             cast: the characters allowed (names, or the ``{name: reference image}`` dict given to the pipeline).
             settings: the settings allowed (None: any).
-            num_frames: the number of frames wanted (None: the model decides, one per sentence asked).
+            num_frames: the number of frames wanted. None: one per sentence (:func:`split_sentences`); the
+                constrained decoder then writes exactly that many, an unconstrained model decides.
             with_boxes: ask for (and require) a layout box per character of every frame.
 
         Raises:

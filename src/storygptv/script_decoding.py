@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .characters import find_character_mentions
 from .models.outputs_storygptv import cache_argument_name, output_cache
 
 __all__ = ["ScriptDecoder"]
@@ -153,9 +154,13 @@ class ScriptDecoder:
             if sentences:
                 answer += '"sentence": ' + json.dumps(sentences[index]) + ", "
             answer += '"caption": '
-            answer += json.dumps(self.free_text(prompt + answer + '"', generation_kwargs))
-            answer += ', "characters": ['
-            shown: list[str] = []
+            caption = self.free_text(prompt + answer + '"', generation_kwargs)
+            answer += json.dumps(caption) + ', "characters": ['
+            # The cast members the caption names are shown (the director adds them anyway); the model adds more.
+            shown = list(
+                dict.fromkeys(mention.name for mention in find_character_mentions(caption, list(cast)))
+            )
+            answer += ", ".join(json.dumps(name) for name in shown)
             while len(shown) < len(cast):
                 left = [name for name in cast if name not in shown]
                 separator = ", " if shown else ""

@@ -88,7 +88,7 @@ class JudgedFrame:
         return np.array(multi_hot(self.characters, CHARACTERS), dtype=np.int8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CharacterAppearance:
     """How a character is drawn in one frame (:meth:`SynthSVJudge.appearances`).
 
@@ -320,7 +320,9 @@ def character_consistency(
     For every character of a story that the judge finds in two or more frames, over all pairs of those frames:
 
     - ``silhouette_iou``: mean IoU of the two silhouettes (100: the same shape in every frame);
-    - ``color_drift``: mean RGB distance between the two median colours (0: the same colour).
+    - ``color_drift``: mean RGB distance between the two median colours (0: the same colour). Only pixels the
+      judge gives to the character count, so a drift stays below about twice its colour tolerance: a character
+      recoloured further is not found at all (and Char-Acc drops instead).
 
     And over every appearance: ``sprite_iou``, the mean IoU of the silhouette with the character's own sprite
     (its reference image's shape: 100 is drawn exactly as the reference). Each figure is averaged per character

@@ -240,8 +240,11 @@ class StoryContext:
             temperature: 0 (default) decodes greedily; a positive value samples from the softened logits.
             generator: the random generator of sampling.
             once: names written at most once per caption (the cast: "Fay and Fay" cannot be written). Once a name
-                is in the caption, the first token of the name (alone, and after a space) is banned.
-            never: names never written (characters the story does not have), banned the same way.
+                is in the caption, the first token of the name (alone, and after a space) is banned. This is exact
+                for a word-level tokenizer (SynthSV's); with sub-word tokens it also bans other words that start
+                with the same piece.
+            never: names never written (characters the story does not have), banned the same way, except a first
+                token that also starts a name in ``once``.
             constraint: ``constraint(text) -> bool``, whether a caption may start with ``text`` (e.g. a grammar's
                 :func:`~storygptv.data.synthsv.caption_prefix_validator`). Each step takes the likeliest token
                 (or samples among the tokens) that keeps it True; when no token does, the caption ends there.
@@ -292,7 +295,9 @@ class StoryContext:
             )
             if m
         ]
-        banned += [t for name in never for t in self._name_start_ids(name)]
+        # a stranger's first token that also starts a cast member's name stays allowed
+        cast_starts = {t for name in once for t in self._name_start_ids(name)}
+        banned += [t for name in never for t in self._name_start_ids(name) if t not in cast_starts]
         ids: list[int] = []
         while len(ids) < max_new_tokens:
             scores = logits[0].float().clone()

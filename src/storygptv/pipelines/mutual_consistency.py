@@ -13,6 +13,7 @@ characters is bit-identical to ``consistency=None``). The portraits' UNet passes
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,11 +53,15 @@ def check_consistency(consistency: Any, mutual_attention: Any, mutual_attention_
     if (
         isinstance(mutual_attention_weight, bool)
         or not isinstance(mutual_attention_weight, numbers.Real)
-        or not mutual_attention_weight > 0
+        or not 0 < mutual_attention_weight < math.inf
     ):
         raise ValueError(
-            f"`mutual_attention_weight` must be a number > 0, got {mutual_attention_weight!r} (1 is DreamStory's "
-            "plain attention; larger values pull the characters' pixels more towards their portraits)."
+            f"`mutual_attention_weight` must be a finite number > 0, got {mutual_attention_weight!r} (1 is "
+            "DreamStory's plain attention; larger values pull the characters' pixels more towards their portraits)."
+        )
+    if mutual_attention_weight != 1 and consistency != "mutual":
+        raise ValueError(
+            "`mutual_attention_weight` is used with `consistency='mutual'`; pass that too, or leave the weight at 1."
         )
 
 

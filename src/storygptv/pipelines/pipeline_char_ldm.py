@@ -292,10 +292,11 @@ class CharLDMPipeline(CharLDMMixin, DiffusionPipeline):
                     device,
                     extra_weight=mutual_attention_weight,
                 )
-                mutual.set_scenes(image_masks)
 
         # 6. Denoise with delayed conditioning
         try:
+            if mutual is not None:
+                mutual.set_scenes(image_masks)
             latents = self.denoise(
                 latents,
                 text_embeds,

@@ -748,7 +748,9 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             )
         self.check_generator(generator, num_frames, "new frames")
         kwargs.pop("context_window", None)  # the context keeps its own window
-        processor = context.processor if context.processor is not None else self.story_processor
+        if context.processor is None:  # the context reads what it writes with the pipeline's processor
+            context.processor = self.story_processor
+        processor = context.processor
 
         # A written caption names each cast member at most once, and no character the model knows outside the cast.
         cast_names = list(characters or character_embeds or [])
@@ -772,7 +774,8 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
             if not caption:
                 warnings.warn(
                     f"The story model wrote an empty caption for new frame {index}; it is drawn from an empty "
-                    "caption (a model trained without the caption loss cannot write captions).",
+                    "caption (a model trained without the caption loss cannot write captions, and a "
+                    "`caption_constraint` that allows no first token leaves the caption empty).",
                     stacklevel=3,
                 )
             written.append(caption)

@@ -127,9 +127,13 @@ def caption_prefix_validator(names: Iterable[str] = CHARACTERS) -> Callable[[str
         >>> valid("Cleo"), valid("They are waving in the lake."), valid("They are waving in the lake. And")
         (False, True, False)
     """
-    names = [name for name in CHARACTERS if name in set(names)] + [
-        name for name in names if name not in CHARACTERS
-    ]
+    wanted = list(dict.fromkeys(names))
+    unknown = [name for name in wanted if name not in CHARACTERS]
+    if unknown:
+        raise ValueError(
+            f"`names` {unknown} are not SynthSV characters; the grammar's names are {list(CHARACTERS)}."
+        )
+    names = [name for name in CHARACTERS if name in wanted]
     heads = [f"{pronoun} is " for pronoun in ("He", "She")] + ["They are "]
     for count in (1, 2, 3):
         heads += [
