@@ -171,6 +171,11 @@ def test_bad_construction_is_a_clear_error():
     with pytest.raises(ValueError, match="`max_retries` must be an integer >= 0"):
         StoryDirector(generate_fn=Scripted(VALID), max_retries=-1)
     model, tokenizer = tiny_chat_lm()
+    with pytest.raises(ValueError, match=r"sets \['max_new_tokens'\] itself"):
+        StoryDirector(model, tokenizer, generation_kwargs={"max_new_tokens": 9})
+    StoryDirector(
+        model, tokenizer, generation_kwargs={"max_new_tokens": 9}, constrained=False
+    )  # its own answer
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         StoryDirector(model, tokenizer)

@@ -482,6 +482,15 @@ class StoryDirector:
             if retry_generation_kwargs is not None
             else {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
         )
+        if constrained and model is not None:
+            # the decoder sets these itself: a caption ends at its closing quote or after max_caption_tokens
+            owned = {"max_new_tokens", "stopping_criteria", "pad_token_id"}
+            clash = sorted(owned & {*self.generation_kwargs, *self.retry_generation_kwargs})
+            if clash:
+                raise ValueError(
+                    f"With `constrained=True` the decoder sets {clash} itself; remove them from "
+                    "`generation_kwargs` / `retry_generation_kwargs` (`max_caption_tokens` bounds a caption)."
+                )
 
     @classmethod
     def from_pretrained(
