@@ -213,29 +213,30 @@ class SynthSVJudge:
         neighbours = _box3_sum(one_hot.astype(np.int16))
         return one_hot & (neighbours >= self.min_neighbors)
 
-    def core_pixel_counts(self, array: np.ndarray) -> np.ndarray:
-        """Size of the largest 8-connected core-pixel blob of each character (``(8,)`` int array)."""
+    def largest_blobs(self, array: np.ndarray) -> dict[int, np.ndarray]:
+        """``{character index: boolean mask}`` of the largest 8-connected core-pixel blob of each character with
+        at least ``min_pixels`` core pixels in all (the blob itself may be smaller)."""
         masks = self.character_masks(array)
         totals = masks.reshape(len(CHARACTERS), -1).sum(axis=1)
+        return {int(c): _largest_component_mask(masks[c]) for c in np.flatnonzero(totals >= self.min_pixels)}
+
+    def core_pixel_counts(self, array: np.ndarray) -> np.ndarray:
+        """Size of the largest 8-connected core-pixel blob of each character (``(8,)`` int array)."""
         counts = np.zeros(len(CHARACTERS), dtype=np.int64)
-        for c in np.flatnonzero(totals >= self.min_pixels):
-            counts[c] = _largest_component(masks[c])
+        for c, blob in self.largest_blobs(array).items():
+            counts[c] = blob.sum()
         return counts
 
     def appearances(self, image: Any) -> dict[str, CharacterAppearance]:
         """``{name: CharacterAppearance}`` of every character the frame shows (see :func:`character_consistency`)."""
         array = image_to_array(image)
-        masks = self.character_masks(array)
         found = {}
-        for index, name in enumerate(CHARACTERS):
-            if masks[index].sum() < self.min_pixels:
-                continue
-            blob = _largest_component_mask(masks[index])
-            if blob.sum() < self.min_pixels:
+        for index, blob in self.largest_blobs(array).items():
+            if blob.sum() < self.min_pixels:  # the judge's presence rule (judge_frame)
                 continue
             ys, xs = np.nonzero(blob)
             y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            found[name] = CharacterAppearance(
+            found[CHARACTERS[index]] = CharacterAppearance(
                 silhouette=_normalized_silhouette(blob[y0:y1, x0:x1]),
                 color=np.median(array[blob].astype(np.float32), axis=0),
                 box=(x0, y0, x1, y1),
@@ -390,11 +391,6 @@ def _box3_sum(x: np.ndarray) -> np.ndarray:
     pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
     padded = np.pad(x, pad)
     return sum(padded[..., dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
-
-
-def _largest_component(mask: np.ndarray) -> int:
-    """Pixel count of the largest 8-connected component of a boolean 2-D mask."""
-    return int(_largest_component_mask(mask).sum())
 
 
 def _largest_component_mask(mask: np.ndarray) -> np.ndarray:
