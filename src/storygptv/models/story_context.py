@@ -295,17 +295,18 @@ class StoryContext:
             )
             if m
         ]
+        # each name's first tokens, tokenized once for the whole caption
+        once_starts = {name: self._name_start_ids(name) for name in once}
         # a stranger's first token that also starts a cast member's name stays allowed
-        cast_starts = {t for name in once for t in self._name_start_ids(name)}
+        cast_starts = {t for starts in once_starts.values() for t in starts}
         banned += [t for name in never for t in self._name_start_ids(name) if t not in cast_starts]
         ids: list[int] = []
         while len(ids) < max_new_tokens:
             scores = logits[0].float().clone()
             scores[[i for i in banned if i < scores.shape[0]]] = float("-inf")
-            if once and ids:
-                written = self.processor.decode(ids)
-                used = [m.name for m in find_character_mentions(written, list(once))]
-                starts = [t for name in used for t in self._name_start_ids(name)]
+            if once_starts and ids:
+                used = find_character_mentions(self.processor.decode(ids), list(once_starts))
+                starts = [t for mention in used for t in once_starts[mention.name]]
                 scores[[i for i in starts if i < scores.shape[0]]] = float("-inf")
             if constraint is not None:
                 scores = self._constrain(scores, ids, constraint, eos, first_only=temperature == 0)

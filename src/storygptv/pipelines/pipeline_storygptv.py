@@ -754,10 +754,11 @@ class StoryGPTVPipeline(CharLDMMixin, DiffusionPipeline):
 
         # A written caption names each cast member at most once, and no character the model knows outside the cast.
         cast_names = list(characters or character_embeds or [])
+        cast_keys = {name.lower() for name in cast_names}
         strangers = [
             name
             for name in self.story_model.config.grounding_characters or []
-            if cast_names and name.lower() not in {n.lower() for n in cast_names}
+            if cast_keys and name.lower() not in cast_keys
         ]
         outputs, written = [], []
         for index in range(num_frames):
