@@ -518,34 +518,20 @@ class StoryDirector:
         ``retry`` uses ``retry_generation_kwargs``."""
         if self.generate_fn is not None:
             return self.generate_fn(messages)
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from .script_decoding import generate_until
 
         tokenizer, prefill = self.tokenizer, self.prefill
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        device = self.model.device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        start = inputs["input_ids"].shape[1]
 
-        class JSONClosed(StoppingCriteria):
-            """Stops once the first top-level object of the answer is closed."""
+        def json_closed(text: str) -> bool:
+            """The first top-level object of the answer is closed."""
+            text = prefill + text
+            return text.lstrip().startswith("{") and json_object_end(text) is not None
 
-            def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-                text = prefill + tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)
-                done = text.lstrip().startswith("{") and json_object_end(text) is not None
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with torch.no_grad():
-            out = self.model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                stopping_criteria=StoppingCriteriaList([JSONClosed()]),
-                pad_token_id=pad,
-                **(self.retry_generation_kwargs if retry else self.generation_kwargs),
-            )
-        return prefill + tokenizer.decode(out[0, start:], skip_special_tokens=True)
+        kwargs = self.retry_generation_kwargs if retry else self.generation_kwargs
+        return prefill + generate_until(
+            self.model, tokenizer, prompt, json_closed, self.max_new_tokens, kwargs
+        )
 
     # ------------------------------------------------------------------ call
     def __call__(

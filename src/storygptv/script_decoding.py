@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,10 +34,43 @@ import torch
 from .characters import find_character_mentions
 from .models.outputs_storygptv import cache_argument_name, output_cache
 
-__all__ = ["ScriptDecoder"]
+__all__ = ["ScriptDecoder", "generate_until"]
 
 #: Box coordinates the decoder chooses from (a 0.1 grid: enough for a layout, few choices to score).
 BOX_GRID: tuple[str, ...] = tuple(f"{i / 10:.1f}" for i in range(11))
+
+
+@torch.no_grad()
+def generate_until(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    done: Callable[[str], bool],
+    max_new_tokens: int,
+    generation_kwargs: dict[str, Any],
+) -> str:
+    """``model.generate`` on ``prompt`` until ``done(the decoded continuation)`` (or ``max_new_tokens``); the
+    decoded continuation (special tokens skipped). The unconstrained director and the free text here share it."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    start = inputs["input_ids"].shape[1]
+
+    class Done(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            finished = done(tokenizer.decode(input_ids[0, start:], skip_special_tokens=True))
+            return torch.full((input_ids.shape[0],), finished, dtype=torch.bool, device=input_ids.device)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        stopping_criteria=StoppingCriteriaList([Done()]),
+        pad_token_id=pad,
+        **generation_kwargs,
+    )
+    return tokenizer.decode(out[0, start:], skip_special_tokens=True)
 
 
 class ScriptDecoder:
@@ -61,30 +94,16 @@ class ScriptDecoder:
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         return ids.to(self.model.device)
 
-    @torch.no_grad()
     def free_text(self, prefix: str, generation_kwargs: dict[str, Any]) -> str:
         """The model's continuation of ``prefix`` up to (not including) its first ``"`` or new line."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        ids = self._ids(prefix)
-        start, tokenizer = ids.shape[1], self.tokenizer
-
-        class StringClosed(StoppingCriteria):
-            def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-                text = tokenizer.decode(input_ids[0, start:], skip_special_tokens=True)
-                done = '"' in text or "\n" in text
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=self.max_caption_tokens,
-            stopping_criteria=StoppingCriteriaList([StringClosed()]),
-            pad_token_id=pad,
-            **generation_kwargs,
+        text = generate_until(
+            self.model,
+            self.tokenizer,
+            prefix,
+            lambda text: '"' in text or "\n" in text,
+            self.max_caption_tokens,
+            generation_kwargs,
         )
-        text = tokenizer.decode(out[0, start:], skip_special_tokens=True)
         for stop in ('"', "\n"):
             text = text.split(stop, 1)[0]
         return text.strip()
