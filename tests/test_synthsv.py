@@ -16,6 +16,7 @@ from storygptv.data.synthsv import (
     BACKGROUNDS,
     CHARACTER_COLORS,
     CHARACTERS,
+    FOUR_SLOT_X,
     PRONOUNS,
     SPLIT_SIZES,
     SynthFrame,
@@ -29,6 +30,8 @@ from storygptv.data.synthsv import (
     split_of_captions,
     synthsv_features,
 )
+from storygptv.data.synthsv.grammar import parse_caption
+from storygptv.data.synthsv.spec import pronoun_subject
 
 SCHEMA = list(STORY_COLUMNS)  # the common story schema, in order
 
@@ -164,6 +167,88 @@ def test_colours_and_segmentation_indices():
         assert set(np.unique(seg[y1:y2, x1:x2])) <= {0, i + 1}
     assert set(np.unique(seg)) == {0, 1, 2, 3}
     assert np.all(image[seg == 0][:, :] != 0)  # nothing black: background everywhere else
+
+
+def test_four_character_frame_layout():
+    frame = SynthFrame(
+        characters=("Dax", "Ava", "Hana", "Bo"), slots=(0, 1, 2, 3), action="sitting", background="lake"
+    )
+    assert frame.caption == "Dax, Ava, Hana and Bo are sitting in the lake."
+    assert (
+        frame.boxes
+        == [(x, 42, x + 16, 52) for x in FOUR_SLOT_X]
+        == [(0, 42, 16, 52), (16, 42, 32, 52), (32, 42, 48, 52), (48, 42, 64, 52)]
+    )
+    image, seg = render_frame(frame)
+    image = np.asarray(image)
+    for i, (name, (x1, y1, x2, y2)) in enumerate(zip(frame.characters, frame.boxes)):
+        assert set(np.unique(seg[y1:y2, x1:x2])) <= {0, i + 1}
+        assert (seg == i + 1).any() and np.all(image[seg == i + 1] == CHARACTER_COLORS[name])
+    assert set(np.unique(seg)) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match=r"slots \(0, 1, 2, 3\)"):
+        SynthFrame(
+            characters=("Dax", "Ava", "Hana", "Bo"), slots=(0, 1, 2, 2), action="sitting", background="lake"
+        )
+    with pytest.raises(ValueError, match="0-4 characters"):
+        SynthFrame(characters=CHARACTERS[:5], slots=(0, 1, 2, 3, 4), action="sitting", background="lake")
+
+
+def test_four_character_variant():
+    """Runs of a three-character set gain one fourth character each; every other frame is untouched."""
+    base = sample_stories(range(300), "train", 6)
+    assert sample_stories(range(300), "train", 6, four_character_rate=0.0) == base
+    widened = sample_stories(range(300), "train", 6, four_character_rate=1.0)
+    assert widened == [sample_story(i, "train", 6, four_character_rate=1.0) for i in range(300)]
+    half = sample_stories(range(300), "train", 6, four_character_rate=0.5)
+    for stories, rate in ((widened, 1.0), (half, 0.5)):
+        kept = 0
+        for story, original in zip(stories, base):
+            assert (story.story_id, story.attempt) == (
+                original.story_id,
+                original.attempt,
+            )  # split owned as before
+            newcomer = None
+            for t, (frame, before) in enumerate(zip(story.frames, original.frames)):
+                assert (frame.action, frame.background, frame.names_background) == (
+                    before.action,
+                    before.background,
+                    before.names_background,
+                )
+                if len(before.characters) != 3:
+                    assert frame == before
+                    continue
+                run_start = t == 0 or set(before.characters) != set(original.frames[t - 1].characters)
+                if len(frame.characters) == 3:
+                    assert frame == before and rate < 1.0
+                    kept += 1
+                    newcomer = None
+                    continue
+                (added,) = set(frame.characters) - set(before.characters)
+                assert run_start or added == newcomer  # one newcomer per run
+                newcomer = added
+                assert [c for c in frame.characters if c != added] == list(before.characters)  # order kept
+                assert frame.slots == (0, 1, 2, 3)
+                assert frame.boxes == [character_box(s, frame.action, four=True) for s in range(4)]
+            for caption, referential, frame in zip(
+                story.referential_captions, story.is_referential, story.frames
+            ):
+                parsed = parse_caption(caption)  # four names parse too
+                subject = pronoun_subject(frame.characters) if referential else frame.characters
+                background = frame.background if frame.names_background else None
+                assert parsed is not None and caption == make_caption(subject, frame.action, background)
+        assert (kept > 0) == (rate < 1.0)
+    counts = Counter(len(f.characters) for s in half for f in s.frames)
+    assert counts[4] > 50 and counts[3] > 50
+    assert any(s.is_referential[t] and len(s.frames[t].characters) == 4 for s in widened for t in range(6))
+    ds = load_synthsv("test", num_stories=20, four_character_rate=1.0)
+    index = next(i for i, r in enumerate(ds) if any(len(c) == 4 for c in r["characters"]))
+    story, row = sample_story(index, "test", four_character_rate=1.0), ds[index]
+    t = next(i for i, c in enumerate(row["characters"]) if len(c) == 4)
+    assert row["boxes"][t] == [[float(v) for v in box] for box in story.frames[t].boxes]
+    assert row["referential_captions"] == list(story.referential_captions)
+    assert set(np.unique(np.asarray(row["segmentation"][t]))) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="four_character_rate"):
+        sample_story(0, four_character_rate=1.5)
 
 
 def test_render_frame_accepts_mapping():

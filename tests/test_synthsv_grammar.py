@@ -13,8 +13,9 @@ from storygptv.data.synthsv import (
 )
 
 
-def test_every_sampled_caption_parses_and_refers_to_the_previous_frame():
-    for story in sample_stories(range(60), "test", 5):
+@pytest.mark.parametrize("four_character_rate", [0.0, 1.0])
+def test_every_sampled_caption_parses_and_refers_to_the_previous_frame(four_character_rate):
+    for story in sample_stories(range(60), "test", 5, four_character_rate=four_character_rate):
         previous: tuple[str, ...] = ()
         for named, referential, frame in zip(story.captions, story.referential_captions, story.frames):
             for caption in (named, referential):
@@ -30,6 +31,8 @@ def test_every_sampled_caption_parses_and_refers_to_the_previous_frame():
     "caption",
     [
         "Ava, Bo are sitting.",  # a list of three needs "and"
+        "Ava, Bo, Cleo are sitting.",  # so does a list of four
+        "Ava, Bo, Cleo, Dax and Eli are sitting.",  # at most four
         "Ava and Ava are sitting.",  # names are distinct
         "They is jumping.",  # agreement
         "Ava are jumping.",
@@ -72,6 +75,8 @@ def test_caption_prefix_validator_accepts_the_grammar_and_its_prefixes_only():
         "They are flying.",  # not an action
         "She is waving in the forest. She",  # past the end
         "Ava, Bo are sitting.",  # a list of three needs "and"
+        "Ava, Bo, Cleo are sitting.",  # so does a list of four
+        "Ava, Bo, Cleo, Dax and Eli are sitting.",  # at most four
     ):
         assert not valid(caption), caption
     for text in ("Ava, Bo and Cleo are sit", "  They are waving in the l", "He is"):

@@ -19,11 +19,12 @@ The spec is fixed (evaluation tools outside the package rely on it):
   Gus (he, 0,200,200, bar 8 wide and 16 tall, centred: box columns 4-11), Hana (she, 120,230,30,
   ring of outer radius 8 and hole radius 4).
 * **Layout**: 1-3 characters per frame in distinct slots drawn at random among box left x = 6, 24,
-  42. The box top is y = 36 (box 16x16) for standing, talking, laughing and waving, y = 24 for
+  42 (the opt-in four-character variant puts four side by side at x = 0, 16, 32, 48; see
+  :mod:`~storygptv.data.synthsv.sampling`). The box top is y = 36 (box 16x16) for standing, talking, laughing and waving, y = 24 for
   jumping; sitting squashes the box to 16 wide by 10 tall with top y = 42. Boxes are half-open
   ``[x1, x2) x [y1, y2)`` pixel ranges and never overlap.
 * **Captions**: ``<subject> <is|are> <action>[ in the <background>].`` with subject ``A``,
-  ``A and B`` or ``A, B and C``; actions standing, jumping, sitting, talking, laughing, waving.
+  ``A and B``, ``A, B and C`` (or ``A, B, C and D`` in the four-character variant); actions standing, jumping, sitting, talking, laughing, waving.
 
 Sprites are rasterised at pixel centres in box-normalised coordinates ``u, v`` in ``[-1, 1]``
 (``u = (2x + 1 - w) / w``), with integer arithmetic so there is no floating-point ambiguity on
@@ -67,6 +68,7 @@ from .spec import (
     CANVAS_SIZE,
     CHARACTER_COLORS,
     CHARACTERS,
+    FOUR_SLOT_X,
     PRONOUNS,
     REFERENCE_GREY,
     SHAPES,
@@ -85,6 +87,7 @@ __all__ = [
     "CANVAS_SIZE",
     "CHARACTERS",
     "CHARACTER_COLORS",
+    "FOUR_SLOT_X",
     "PRONOUNS",
     "ParsedCaption",
     "caption_prefix_validator",

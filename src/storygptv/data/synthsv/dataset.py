@@ -41,7 +41,8 @@ def _background_labels(background: str) -> list[int]:
 
 @lru_cache(maxsize=1024)
 def _boxes(slots: tuple[int, ...], action: int) -> list[list[float]]:
-    return [[float(c) for c in character_box(slot, ACTIONS[action])] for slot in slots]
+    four = len(slots) == 4
+    return [[float(c) for c in character_box(slot, ACTIONS[action], four=four)] for slot in slots]
 
 
 def story_row(
@@ -76,12 +77,17 @@ def story_row(
 
 
 def _iter_rows(
-    split: str, frames_per_story: int, referential: bool, num_stories: int, seed: int
+    split: str,
+    frames_per_story: int,
+    referential: bool,
+    num_stories: int,
+    seed: int,
+    four_character_rate: float,
 ) -> Iterator[dict[str, Any]]:
     """Rows of the streaming dataset, frames rendered (stories drawn in blocks, one block at a time)."""
     for start in range(0, num_stories, _STREAM_BLOCK):
         block = range(start, min(start + _STREAM_BLOCK, num_stories))
-        accepted = sample_accepted(block, split, frames_per_story, seed)
+        accepted = sample_accepted(block, split, frames_per_story, seed, four_character_rate)
         for index in block:
             _, raw, captions = accepted[index]
             # The row's lists are shared with the label caches; a streamed row is the user's to change.
@@ -100,6 +106,7 @@ def load_synthsv(
     seed: int = 0,
     streaming: bool = False,
     cache_dir: str | None = None,
+    four_character_rate: float = 0.0,
 ) -> Any:
     """Load a SynthSV split in the package's common story schema.
 
@@ -113,6 +120,9 @@ def load_synthsv(
         seed: non-negative generation seed.
         streaming: return a :class:`datasets.IterableDataset` generating rows on the fly.
         cache_dir: ignored (accepted like the other loaders; SynthSV is generated, nothing is cached).
+        four_character_rate: the opt-in four-character variant: the probability that a run of frames
+            sharing a three-character set gains a fourth character (:mod:`~storygptv.data.synthsv.sampling`);
+            0 (the default) is the standard world of 1-3 characters per frame.
 
     Returns:
         A :class:`datasets.Dataset` (spec columns stored, frames rendered by a format transform, see
@@ -125,7 +135,7 @@ def load_synthsv(
     import datasets
     import pyarrow as pa
 
-    split = check_sampling_args(split, frames_per_story, seed)
+    split = check_sampling_args(split, frames_per_story, seed, four_character_rate)
     if num_stories is None:
         num_stories = SPLIT_SIZES[split]
     if num_stories < 0:
@@ -141,10 +151,11 @@ def load_synthsv(
                 "referential": referential,
                 "num_stories": num_stories,
                 "seed": seed,
+                "four_character_rate": four_character_rate,
             },
         )
     columns: dict[str, list[Any]] = {key: [] for key in STORY_COLUMNS}
-    accepted = sample_accepted(range(num_stories), split, frames_per_story, seed)
+    accepted = sample_accepted(range(num_stories), split, frames_per_story, seed, four_character_rate)
     for index in range(num_stories):
         _, raw, captions = accepted[index]
         row = story_row(split, seed, index, raw, captions, referential)

@@ -5,6 +5,7 @@ Captions are written by :func:`~storygptv.data.synthsv.spec.make_caption` and, f
 
     caption  := subject " " verb " " action [" in the " background] "."
     subject  := NAME | NAME " and " NAME | NAME ", " NAME " and " NAME | "He" | "She" | "They"
+              | NAME ", " NAME ", " NAME " and " NAME      (the four-character variant)
     verb     := "is" (one name, "He", "She") | "are" (several names, "They")
 
 with distinct names from :data:`~storygptv.data.synthsv.spec.CHARACTERS`, ``action`` one of
@@ -54,7 +55,7 @@ PAST_TENSE: dict[str, str] = {
 
 _NAME = "|".join(CHARACTERS)
 _CAPTION = re.compile(
-    rf"^(?P<subject>(?:{_NAME})(?:, (?:{_NAME}))?(?: and (?:{_NAME}))?|He|She|They) "
+    rf"^(?P<subject>(?:{_NAME})(?:, (?:{_NAME})){{0,2}}(?: and (?:{_NAME}))?|He|She|They) "
     rf"(?P<verb>is|are) (?P<action>{'|'.join(ACTIONS)})(?: in the (?P<background>{'|'.join(BACKGROUNDS)}))?\.$"
 )
 
@@ -102,7 +103,7 @@ def parse_caption(caption: str) -> ParsedCaption | None:
         plural = subject == "They"
     else:
         names = tuple(re.split(r", | and ", subject))
-        if "," in subject and len(names) != 3:  # "A, B" without "and"
+        if "," in subject and " and " not in subject:  # "A, B" or "A, B, C" without "and"
             return None
         if len(set(names)) != len(names):
             return None

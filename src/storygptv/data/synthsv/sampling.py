@@ -13,6 +13,12 @@
 * **Referential captions**: the anchor is frame 1's character set; a later frame with the anchor's
   set gets subject "He" / "She" (one character, by pronoun) or "They" (several; "They are ...");
   any other frame becomes the new anchor and keeps its names. Frame 1 is never referential.
+* **Four-character frames** (opt-in, ``four_character_rate`` > 0; the default world has 1-3 per frame):
+  each maximal run of consecutive frames sharing one three-character set gains a fourth character
+  with probability ``four_character_rate``, uniform among the five outside the set, the same one for
+  the whole run, so the run's pronoun frames still refer to all of them. Its frames use the four
+  slots of :data:`~storygptv.data.synthsv.spec.FOUR_SLOT_X` and the newcomer's place in caption
+  (= slot) order is uniform per frame. Split ownership is decided on the story before widening.
 * **Determinism**: a story is a function of ``(seed, split, index, frames_per_story)`` only; its
   random numbers are counter-based (:mod:`storygptv.data.synthsv.rng`), so one story drawn alone
   (:func:`~storygptv.data.synthsv.sample_story`) equals the same story drawn in bulk.
@@ -77,6 +83,9 @@ _U_SLOT = slice(15, 18)
 _U_ORDER = slice(18, 21)
 _U_PER_FRAME = 21
 _U_REDRAW = 1 + 8  # draws per redraw of a fresh set (size + 8 ranking keys)
+# Draws of the four-character variant, far above the redraws: widen the run starting at this frame?,
+# which outsider joins it (both read at a run's first frame), the newcomer's place (read at every frame).
+_U_WIDEN, _U_NEWCOMER, _U_PLACE = 1 << 23, (1 << 23) + 1, (1 << 23) + 2
 # The scalar draws the sequential sampler reads, in this order (the others are pre-sorted in numpy).
 _U_SCALARS = [_U_KEEP, _U_OP, _U_SIZE, _U_BG_CHANGE, _U_BG, _U_BG_NAME, _U_ACTION]
 _C_KEEP, _C_OP, _C_SIZE, _C_BG_CHANGE, _C_BG, _C_BG_NAME, _C_ACTION = range(7)
@@ -180,6 +189,38 @@ def _sample_raw(
     return frames
 
 
+def widen_to_four(raw: Sequence[RawFrame], key: int, rate: float) -> list[RawFrame]:
+    """The four-character variant of a story's raw frames (module doc): runs of a three-character set widened.
+
+    Args:
+        raw: the story's raw frames (:func:`sample_accepted`).
+        key: the story key (the draws are counter-based, so the variant is deterministic).
+        rate: probability that a run of a three-character set gains a fourth character.
+    """
+    if rate <= 0.0:
+        return list(raw)
+    frames = np.arange(len(raw))
+    u = uniforms(
+        np.array([key], dtype=np.uint64),
+        frames[:, None],
+        np.array([_U_WIDEN, _U_NEWCOMER, _U_PLACE])[None, :],
+    ).tolist()
+    widened: list[RawFrame] = []
+    newcomer: str | None = None
+    for t, (chars, slots, action, bg, named) in enumerate(raw):
+        if len(chars) != 3:
+            newcomer = None
+        elif t == 0 or frozenset(chars) != frozenset(raw[t - 1][0]):  # a run starts
+            outsiders = [name for name in CHARACTERS if name not in chars]
+            newcomer = outsiders[int(u[t][1] * len(outsiders))] if u[t][0] < rate else None
+        if newcomer is None:
+            widened.append((chars, slots, action, bg, named))
+            continue
+        place = int(u[t][2] * 4)
+        widened.append((chars[:place] + (newcomer,) + chars[place:], (0, 1, 2, 3), action, bg, named))
+    return widened
+
+
 @lru_cache(maxsize=1024)
 def _subject_verb(characters: tuple[str, ...]) -> str:
     return f"{join_names(characters)} {'are' if len(characters) > 1 else 'is'} "
@@ -234,9 +275,13 @@ def split_of_captions(captions: Sequence[str]) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def check_sampling_args(split: str, frames_per_story: int, seed: int) -> str:
-    """The normalised ``split`` after checking the story length and the seed (clear errors otherwise)."""
+def check_sampling_args(
+    split: str, frames_per_story: int, seed: int, four_character_rate: float = 0.0
+) -> str:
+    """The normalised ``split`` after checking the story length, the seed and the rate (clear errors otherwise)."""
     split = normalize_split(split)
+    if not 0.0 <= four_character_rate <= 1.0:
+        raise ValueError(f"four_character_rate must be in [0, 1], got {four_character_rate}")
     if not 1 <= frames_per_story <= MAX_FRAMES:
         raise ValueError(f"frames_per_story must be in 1..{MAX_FRAMES}, got {frames_per_story}")
     if seed < 0:
@@ -245,12 +290,13 @@ def check_sampling_args(split: str, frames_per_story: int, seed: int) -> str:
 
 
 def sample_accepted(
-    indices: Sequence[int], split: str, frames_per_story: int, seed: int
+    indices: Sequence[int], split: str, frames_per_story: int, seed: int, four_character_rate: float = 0.0
 ) -> dict[int, tuple[int, list[RawFrame], tuple[str, ...]]]:
     """``{index: (attempt, raw frames, captions)}`` of the candidates ``split`` accepts, drawn in bulk.
 
     ``split`` must be normalised (:func:`check_sampling_args`). Each pass draws the next attempt of
-    every story still pending, all at once.
+    every story still pending, all at once. With ``four_character_rate`` > 0 the accepted stories are
+    widened (:func:`widen_to_four`) after the split filter.
     """
     low, high = SPLIT_HASH_RANGES[split]
     split_id = SPLIT_IDS[split]
@@ -271,6 +317,9 @@ def sample_accepted(
             raw = _sample_raw(story_draws, char_orders[i], slot_codes[i], order_codes[i], key)
             captions = raw_captions(raw)
             if low <= _content_hash(captions) < high:
+                if four_character_rate > 0.0:
+                    raw = widen_to_four(raw, key, four_character_rate)
+                    captions = raw_captions(raw)
                 accepted[index] = (attempt, raw, captions)
             else:
                 rejected.append(index)

@@ -18,6 +18,8 @@ HORIZON = 40  # first ground row
 SPRITE_SIZE = 16
 SITTING_HEIGHT = 10
 SLOT_X: tuple[int, ...] = (6, 24, 42)
+#: Box left x of the four slots of a four-character frame (the opt-in crowded layout: side by side, touching).
+FOUR_SLOT_X: tuple[int, ...] = (0, 16, 32, 48)
 #: Top row of a character's box for each action (sitting boxes are also shorter).
 POSE_TOP = {"standing": 36, "talking": 36, "laughing": 36, "waving": 36, "jumping": 24, "sitting": 42}
 REFERENCE_GREY = (128, 128, 128)
@@ -78,7 +80,8 @@ class SynthFrame:
 
     Attributes:
         characters: character names in caption order (= slot order, left to right).
-        slots: slot index (0, 1, 2 for box left x = 6, 24, 42) of each character, ascending.
+        slots: slot index of each character, ascending: 0, 1, 2 for box left x = 6, 24, 42 (:data:`SLOT_X`);
+            a frame of four characters has slots 0, 1, 2, 3 at x = 0, 16, 32, 48 (:data:`FOUR_SLOT_X`).
         action: one of :data:`ACTIONS`, shared by all characters of the frame.
         background: one of :data:`BACKGROUNDS`.
         names_background: whether the caption ends with "in the <background>".
@@ -96,9 +99,12 @@ class SynthFrame:
     names_background: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 <= len(self.characters) <= len(SLOT_X) or len(self.characters) != len(self.slots):
-            raise ValueError(f"need 0-3 characters with one slot each, got {self.characters} {self.slots}")
-        if len(set(self.slots)) != len(self.slots) or any(s not in (0, 1, 2) for s in self.slots):
+        if not 0 <= len(self.characters) <= len(FOUR_SLOT_X) or len(self.characters) != len(self.slots):
+            raise ValueError(f"need 0-4 characters with one slot each, got {self.characters} {self.slots}")
+        if len(self.slots) == len(FOUR_SLOT_X):
+            if tuple(self.slots) != (0, 1, 2, 3):
+                raise ValueError(f"a frame of four characters has slots (0, 1, 2, 3), got {self.slots}")
+        elif len(set(self.slots)) != len(self.slots) or any(s not in (0, 1, 2) for s in self.slots):
             raise ValueError(f"slots must be distinct values in 0..2, got {self.slots}")
         if len(set(self.characters)) != len(self.characters):
             raise ValueError(f"characters must be distinct, got {self.characters}")
@@ -113,7 +119,7 @@ class SynthFrame:
     @property
     def boxes(self) -> list[tuple[int, int, int, int]]:
         """Exact ``(x1, y1, x2, y2)`` box of each character (x2, y2 exclusive), in caption order."""
-        return [character_box(slot, self.action) for slot in self.slots]
+        return [character_box(slot, self.action, four=len(self.slots) == 4) for slot in self.slots]
 
     @property
     def caption(self) -> str:
@@ -131,16 +137,19 @@ class SynthFrame:
         return np.array(multi_hot([self.background], BACKGROUNDS), dtype=np.int8)
 
 
-def character_box(slot: int, action: str) -> tuple[int, int, int, int]:
-    """Exact box ``(x1, y1, x2, y2)`` (x2, y2 exclusive) of a character in ``slot`` doing ``action``."""
-    x1 = SLOT_X[slot]
+def character_box(slot: int, action: str, four: bool = False) -> tuple[int, int, int, int]:
+    """Exact box ``(x1, y1, x2, y2)`` (x2, y2 exclusive) of a character in ``slot`` doing ``action``.
+
+    ``four``: the slot is one of a four-character frame's (:data:`FOUR_SLOT_X`), not :data:`SLOT_X`.
+    """
+    x1 = (FOUR_SLOT_X if four else SLOT_X)[slot]
     top = POSE_TOP[action]
     height = SITTING_HEIGHT if action == "sitting" else SPRITE_SIZE
     return (x1, top, x1 + SPRITE_SIZE, top + height)
 
 
 def join_names(names: Sequence[str]) -> str:
-    """``A``, ``A and B`` or ``A, B and C``."""
+    """``A``, ``A and B``, ``A, B and C`` or ``A, B, C and D``."""
     if len(names) == 1:
         return names[0]
     return ", ".join(names[:-1]) + " and " + names[-1]
@@ -150,7 +159,7 @@ def make_caption(subject: str | Sequence[str], action: str, background: str | No
     """Build a caption ``<subject> <is|are> <action>[ in the <background>].``.
 
     Args:
-        subject: a list of names (joined as ``A``, ``A and B`` or ``A, B and C``) or a ready subject
+        subject: a list of names (joined as ``A``, ``A and B``, ``A, B and C``...) or a ready subject
             string such as ``"She"`` or ``"They"`` (``"They"`` takes ``are``).
         action: one of :data:`ACTIONS`.
         background: background to name, or ``None``.

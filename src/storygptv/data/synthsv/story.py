@@ -123,7 +123,13 @@ def _story_from_raw(
     )
 
 
-def sample_story(index: int, split: str = "train", frames_per_story: int = 4, seed: int = 0) -> SynthStory:
+def sample_story(
+    index: int,
+    split: str = "train",
+    frames_per_story: int = 4,
+    seed: int = 0,
+    four_character_rate: float = 0.0,
+) -> SynthStory:
     """Sample story ``index`` of ``split`` deterministically.
 
     Args:
@@ -131,6 +137,8 @@ def sample_story(index: int, split: str = "train", frames_per_story: int = 4, se
         split: "train", "validation" (or "val") or "test".
         frames_per_story: story length, 1 to 500.
         seed: non-negative generation seed.
+        four_character_rate: the opt-in four-character variant (see
+            :mod:`~storygptv.data.synthsv.sampling`); 0 draws the standard world.
 
     Returns:
         The :class:`SynthStory`; the same arguments always give the same story, and stories of
@@ -141,16 +149,20 @@ def sample_story(index: int, split: str = "train", frames_per_story: int = 4, se
         >>> story.story_id, len(story), story == sample_stories([0, 3], "test", 3, seed=1)[1]
         ('synthsv-test-s1-000003', 3, True)
     """
-    return sample_stories([index], split, frames_per_story, seed)[0]
+    return sample_stories([index], split, frames_per_story, seed, four_character_rate)[0]
 
 
 def sample_stories(
-    indices: Iterable[int], split: str = "train", frames_per_story: int = 4, seed: int = 0
+    indices: Iterable[int],
+    split: str = "train",
+    frames_per_story: int = 4,
+    seed: int = 0,
+    four_character_rate: float = 0.0,
 ) -> list[SynthStory]:
     """:func:`sample_story` for many indices at once (drawn in bulk, much faster; same stories)."""
-    split = check_sampling_args(split, frames_per_story, seed)
+    split = check_sampling_args(split, frames_per_story, seed, four_character_rate)
     indices = [int(i) for i in indices]
     if any(i < 0 for i in indices):
         raise ValueError("story indices must be non-negative")
-    accepted = sample_accepted(sorted(set(indices)), split, frames_per_story, seed)
+    accepted = sample_accepted(sorted(set(indices)), split, frames_per_story, seed, four_character_rate)
     return [_story_from_raw(i, split, seed, *accepted[i]) for i in indices]
