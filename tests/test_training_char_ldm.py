@@ -369,3 +369,35 @@ def test_train_vae_resume_and_export(tmp_path):
         vae_script.main(_vae_args(tmp_path / "d", "--vae_config", str(tmp_path / "missing.json")))
     with pytest.raises(TrainingSetupError, match="No VAE"):
         vae_script.main(_vae_args(tmp_path / "e", "--pretrained_model_name_or_path", str(tmp_path)))
+
+
+def test_unet_only_fine_tune_on_four_character_frames(script, tiny_folder, tmp_path):
+    """--no-train_fuser (+ frozen encoders) changes the UNet alone; --max_characters raises the fuser's limit
+    and --dataset_options reaches the loader (SynthSV's four-character variant)."""
+    out = tmp_path / "four"
+    args = _base_args(
+        tiny_folder,
+        out,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "100",
+        "--no-train_fuser",
+        "--train_image_encoder_layers",
+        "0",
+        "--no-train_text_encoder",
+        "--max_characters",
+        "4",
+        "--dataset_options",
+        '{"four_character_rate": 1.0}',
+    )
+    script.main(args)
+    before, after = _weights(tiny_folder), _weights(out)
+    changed = {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"unet"}
+    assert json.loads((out / "fuser" / "config.json").read_text())["max_characters"] == 4
+    parsed = script.parse_args(args)
+    assert parsed.dataset_options == {"four_character_rate": 1.0} and not parsed.train_fuser
+    for bad in ("[0.5]", "{four: 1}"):
+        with pytest.raises(SystemExit):
+            script.parse_args([*args, "--dataset_options", bad])

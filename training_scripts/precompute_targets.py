@@ -53,8 +53,10 @@ from storygptv.training.accelerate_setup import setup_logging
 from storygptv.training.arguments import (
     DATA_DIR_HELP,
     DATASET_HELP,
+    DATASET_OPTIONS_HELP,
     TRAIN_DATASET_PATH_HELP,
     frames_per_story_default,
+    json_object,
 )
 from storygptv.training.checks import DATASET_CHOICES, check_dataset
 from storygptv.training.data import load_train_stories
@@ -84,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_stories", type=int, default=None, help="Only the first N stories.")
     parser.add_argument("--train_dataset_path", default=None, help=TRAIN_DATASET_PATH_HELP)
+    parser.add_argument("--dataset_options", type=json_object, default={}, help=DATASET_OPTIONS_HELP)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the dataset loader (frame choice).")
     parser.add_argument("--output_dir", required=True, help="Where the shards and the config go.")
     parser.add_argument(
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset_path=args.train_dataset_path,
         frames_per_story=args.frames_per_story,
         referential=True,
+        **args.dataset_options,
     )
     if args.train_dataset_path and args.split != "train":
         logger.info(
@@ -165,7 +169,10 @@ def main(argv: list[str] | None = None) -> Path:
         args.output_dir,
         references=references,
         source={k: getattr(args, k) for k in source_keys}
-        | {"reference_images_dir": args.reference_images_dir},
+        | {
+            "reference_images_dir": args.reference_images_dir,
+            "dataset_options": args.dataset_options or None,
+        },
         target_type=args.target_type,
         max_characters=args.max_characters,
         name_background=args.name_background,

@@ -109,12 +109,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="openai/clip-vit-large-patch14",
         help="CLIP vision tower used when starting from a Stable Diffusion model (ignored for a Char-LDM).",
     )
-    g.add_argument("--max_characters", type=int, default=4, help="Fused characters per caption (new fuser).")
+    g.add_argument(
+        "--max_characters",
+        type=int,
+        default=None,
+        help="Fused characters per caption (default: 4 for a new fuser, a Char-LDM's own otherwise). Raising it "
+        "on a Char-LDM teaches it more characters per frame (the fuser's weights do not depend on it).",
+    )
     g.add_argument("--resolution", type=int, default=512, help="Training image side.")
     g.add_argument(
         "--reference_size", type=int, default=None, help="Reference-crop side (default: the image encoder's)."
     )
     g.add_argument("--train_image_encoder_layers", type=int, default=2, help="0 freezes the image encoder.")
+    g.add_argument(
+        "--train_fuser",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Train the fuser. --no-train_fuser --train_image_encoder_layers 0 --no-train_text_encoder trains the "
+        "UNet alone, so the conditioning a trained stage 2 was fitted to stays exactly as it was.",
+    )
     g.add_argument(
         "--train_text_encoder",
         action=argparse.BooleanOptionalAction,
@@ -185,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mask_loss_prob must be in [0, 1].")
     if args.train_image_encoder_layers < 0:
         parser.error("--train_image_encoder_layers must be >= 0.")
+    if args.max_characters is not None and args.max_characters < 1:
+        parser.error("--max_characters must be >= 1.")
     return args
 
 
@@ -215,7 +230,10 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CharLDMPipeline, bool]:
     if index.get("fuser") and index["fuser"][0] is not None:
         if Path(name).is_dir():
             check_pipeline_folder(name, CHAR_LDM_COMPONENTS)
-        return CharLDMPipeline.from_pretrained(name), True
+        pipe = CharLDMPipeline.from_pretrained(name)
+        if args.max_characters is not None:
+            pipe.fuser.register_to_config(max_characters=args.max_characters)
+        return pipe, True
     if Path(name).is_dir():
         check_pipeline_folder(name, SD_COMPONENTS)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -232,7 +250,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[CharLDMPipeline, bool]:
     fuser = CharacterFuser(
         text_embed_dim=text_encoder.config.hidden_size,
         image_embed_dim=image_encoder.config.projection_dim,
-        max_characters=args.max_characters,
+        max_characters=args.max_characters or 4,
     )
     pipe = CharLDMPipeline(
         vae=AutoencoderKL.from_pretrained(name, subfolder="vae"),
@@ -252,8 +270,8 @@ def set_trainable(pipe: CharLDMPipeline, args: argparse.Namespace) -> list[str]:
     for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
         module.requires_grad_(False)
     pipe.unet.requires_grad_(True)
-    pipe.fuser.requires_grad_(True)
-    trained = ["unet", "fuser"]
+    pipe.fuser.requires_grad_(args.train_fuser)
+    trained = ["unet", "fuser"] if args.train_fuser else ["unet"]
     n = args.train_image_encoder_layers
     if n > 0:
         vision = pipe.image_encoder.vision_model
@@ -461,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         num_stories=args.num_stories,
         train_dataset_path=args.train_dataset_path,
+        **args.dataset_options,
     )
     frames = story_frames(stories, drop_charless_frames=args.drop_charless_frames)
     reference_size = args.reference_size or int(getattr(pipe.image_encoder.config, "image_size", 224))

@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "num_stories": args.num_stories,
         "train_dataset_path": args.train_dataset_path,
+        **args.dataset_options,
     }
     frames = labelled_frames(load_train_stories(args.dataset, **source), label_column, len(names), "training")
     try:

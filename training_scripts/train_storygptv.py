@@ -541,6 +541,7 @@ def main(argv: list[str] | None = None) -> Path:
                 train_dataset_path=args.train_dataset_path,
                 frames_per_story=args.frames_per_story,
                 referential=True,
+                **args.dataset_options,
             )
             source_keys = ("dataset", "data_dir", "train_dataset_path", "frames_per_story", "seed")
             compute_targets(
@@ -549,7 +550,11 @@ def main(argv: list[str] | None = None) -> Path:
                 targets_dir,
                 references=references,
                 source={k: getattr(args, k) for k in source_keys}
-                | {"split": "train", "reference_images_dir": args.reference_images_dir},
+                | {
+                    "split": "train",
+                    "reference_images_dir": args.reference_images_dir,
+                    "dataset_options": args.dataset_options or None,
+                },
                 target_type=args.target_type,
                 store_images=use_img,
             )

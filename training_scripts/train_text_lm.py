@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset_path=args.train_dataset_path,
         frames_per_story=args.frames_per_story,
         referential=True,
+        **args.dataset_options,
     )
     texts, corpus = story_texts(stories, args.include_original_captions, args.caption_separator)
 

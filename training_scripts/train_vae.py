@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "num_stories": args.num_stories,
         "train_dataset_path": args.train_dataset_path,
+        **args.dataset_options,
     }
     frames = story_frames(load_train_stories(args.dataset, **source))
     try:

@@ -19,11 +19,13 @@ from .checks import DATASET_CHOICES
 
 __all__ = [
     "DATASET_HELP",
+    "DATASET_OPTIONS_HELP",
     "DATA_DIR_HELP",
     "SETTINGS_KEYS",
     "TRAIN_DATASET_PATH_HELP",
     "add_common_args",
     "frames_per_story_default",
+    "json_object",
     "run_settings",
     "training_arg_parser",
 ]
@@ -39,6 +41,7 @@ SETTINGS_KEYS: tuple[str, ...] = (
     "data_dir",
     "num_stories",
     "train_dataset_path",
+    "dataset_options",
     "pretrained_model_name_or_path",
 )
 _PATH_SETTINGS = ("data_dir", "train_dataset_path", "pretrained_model_name_or_path")
@@ -49,12 +52,29 @@ DATASET_HELP = (
     "Training data: flintstones or pororo (a downloaded release in --data_dir), synthsv (generated), or folder "
     "(your own stories in --data_dir: frames, metadata.jsonl and characters/; see the README section 'Fine-tune on your own stories')."
 )
+DATASET_OPTIONS_HELP = (
+    "Extra options of the dataset loader as a JSON object, e.g. '{\"four_character_rate\": 0.7}' (SynthSV's "
+    "four-character variant; storygptv.data.load_story_dataset lists each dataset's options)."
+)
 DATA_DIR_HELP = "The release folder (flintstones, pororo) or your story folder (folder); synthsv needs none."
 TRAIN_DATASET_PATH_HELP = (
     "Instead of --dataset: a datasets `save_to_disk` folder (a Dataset, or a DatasetDict whose split is used) "
     "of stories in the package's story schema (storygptv.data.STORY_COLUMNS, e.g. a saved "
     "load_story_dataset(...)). Reference images then come from --reference_images_dir."
 )
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """``--dataset_options``: a JSON object (argparse ``type``; a clear error otherwise)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object such as '{{\"four_character_rate\": 0.7}}', got {text!r}"
+        )
+    return value
 
 
 def frames_per_story_default(dataset: str, frames_per_story: int | None) -> int | None:
@@ -92,6 +112,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--data_dir", type=str, default=None, help=DATA_DIR_HELP)
     g.add_argument("--num_stories", type=int, default=None, help="Use only the first N stories of the split.")
     g.add_argument("--train_dataset_path", type=str, default=None, help=TRAIN_DATASET_PATH_HELP)
+    g.add_argument(
+        "--dataset_options",
+        type=json_object,
+        default={},
+        help=DATASET_OPTIONS_HELP,
+    )
     g.add_argument("--output_dir", type=str, default="outputs/run", help="Checkpoints, logs, final model.")
     g.add_argument("--train_batch_size", type=int, default=32, help="Batch size per device.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)

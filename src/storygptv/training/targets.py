@@ -52,6 +52,7 @@ SOURCE_KEYS: tuple[str, ...] = (
     "dataset",
     "data_dir",
     "train_dataset_path",
+    "dataset_options",
     "split",
     "frames_per_story",
     "seed",
