@@ -14,8 +14,8 @@ Each variant draws the same referential SynthSV test stories with the same seeds
 
 The cast is every SynthSV character's reference image (the portraits), as in ``synthsv_quality.py``. Besides the
 test stories (1-3 characters per frame), ``--quartets`` adds two-frame stories with four characters ("Ava, Bo,
-Cleo and Dax are standing in the lake." / "They are jumping."; boxes side by side at x = 0, 16, 32, 48), a layout
-the model never saw in training, for the 4-character row.
+Cleo and Dax are standing in the lake." / "They are jumping."; boxes side by side at x = 0, 16, 32, 48: the layout
+of SynthSV's four-character variant), for the 4-character row.
 
 Printed per variant: Char-Acc over all frames and by the number of characters in the frame (1-4), pronoun-frame
 Char-Acc, the SynthSV consistency figures (:func:`storygptv.evaluation.synthsv.character_consistency`: silhouette
@@ -42,7 +42,7 @@ import torch
 import storygptv
 from storygptv import CharLDMPipeline, StoryGPTVPipeline
 from storygptv.data.synthsv import ACTIONS, BACKGROUNDS, CHARACTERS, reference_images, sample_story
-from storygptv.data.synthsv.spec import POSE_TOP, SITTING_HEIGHT, SPRITE_SIZE, make_caption
+from storygptv.data.synthsv.spec import character_box, make_caption
 from storygptv.evaluation.metrics import character_metrics
 from storygptv.evaluation.synthsv import SynthSVJudge, character_consistency
 
@@ -90,9 +90,7 @@ def quartet_stories(count: int, seed: int = 1234) -> list[ProbeStory]:
         background = rng.choice(BACKGROUNDS)
 
         def boxes(action: str, cast: tuple[str, ...] = cast) -> dict[str, tuple[int, int, int, int]]:
-            height = SITTING_HEIGHT if action == "sitting" else SPRITE_SIZE
-            top = POSE_TOP[action]
-            return {name: (16 * i, top, 16 * i + SPRITE_SIZE, top + height) for i, name in enumerate(cast)}
+            return {name: character_box(i, action, four=True) for i, name in enumerate(cast)}
 
         stories.append(
             ProbeStory(

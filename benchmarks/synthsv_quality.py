@@ -18,12 +18,15 @@ Printed per variant: Char-Acc, micro Char-F1, BG-Acc over all frames; Char-Acc o
 caption uses a pronoun and over those that name their characters; grounding precision / recall of the
 characters each frame was drawn with (the pipeline's ``output.characters``; for Char-LDM variants, the
 names in the caption it drew); seconds. ``--by_position`` adds Char-Acc by frame position (for long stories,
-e.g. ``--frames 12``), to show whether errors compound as generated frames feed the LLM.
+e.g. ``--frames 12``), to show whether errors compound as generated frames feed the LLM. Char-Acc by the
+number of characters in the frame is printed too; ``--four_character_rate`` draws SynthSV's four-character
+variant of the same stories (runs of three characters gain a fourth) to fill its last column.
 
 Usage:
     python benchmarks/synthsv_quality.py                              # the embedded default, 100 stories
     python benchmarks/synthsv_quality.py --model runs/storygptv --stories 200 --variants full char_ldm
     python benchmarks/synthsv_quality.py --frames 12 --stories 30 --variants full --by_position
+    python benchmarks/synthsv_quality.py --four_character_rate 1 --variants full char_ldm
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ def score(
                 [j.background for j, m in zip(judged, mask) if m], [t[1] for t, m in zip(truth, mask) if m]
             )
     positions = np.array([t[4] for t in truth])
+    counts = true_chars.sum(1)
+    result["char_acc_by_count"] = {
+        int(n): character_metrics(pred_chars[counts == n], true_chars[counts == n])["char_acc"]
+        for n in np.unique(counts)
+    }
     result["char_acc_by_position"] = [
         character_metrics(pred_chars[positions == p], true_chars[positions == p])["char_acc"]
         for p in range(int(positions.max()) + 1)
@@ -121,6 +129,7 @@ def run_story_pipeline(
             num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale,
             start_merge_step=args.start_merge_step,
+            max_characters=args.max_characters,
             grounding=grounding,
             context_window=None if withhold_images else args.context_window,  # the context has its own
             story_context=context,
@@ -142,6 +151,7 @@ def run_char_ldm(pipe: CharLDMPipeline, captions: list[str], cast, args) -> tupl
             num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale,
             start_merge_step=args.start_merge_step,
+            max_characters=args.max_characters,
             generator=torch.Generator().manual_seed(args.seed + start),
             output_type="np",
         )
@@ -173,6 +183,10 @@ def print_table(results: dict[str, dict[str, Any]], by_position: bool) -> None:
             f"{r.get('pronoun_char_acc', float('nan')):16.1f} | {r.get('named_char_acc', float('nan')):14.1f} | "
             f"{grounding:>15} | {r['seconds']:7.0f} |"
         )
+    print()
+    for variant, r in results.items():
+        cells = ", ".join(f"{n}: {v:.1f}" for n, v in r["char_acc_by_count"].items())
+        print(f"{variant}: Char-Acc by characters in the frame: {cells}")
     if by_position:
         print()
         for variant, r in results.items():
@@ -191,6 +205,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--first_story", type=int, default=0, help="index of the first test story")
     parser.add_argument("--frames", type=int, default=4, help="frames per story")
     parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--four_character_rate",
+        type=float,
+        default=0.0,
+        help="draw SynthSV's four-character variant of the stories (0: the standard world)",
+    )
+    parser.add_argument(
+        "--max_characters", type=int, default=None, help="characters fused per caption (default: the fuser's)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument(
@@ -218,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         torch.set_num_threads(args.threads)
 
     stories = [
-        sample_story(i, split=args.split, frames_per_story=args.frames)
+        sample_story(
+            i, split=args.split, frames_per_story=args.frames, four_character_rate=args.four_character_rate
+        )
         for i in range(args.first_story, args.first_story + args.stories)
     ]
     pipe = StoryGPTVPipeline.from_pretrained(args.model)
@@ -248,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         results[variant] = {**score(judge, frames, stories, resolved), "seconds": time.perf_counter() - start}
 
     print(
-        f"SynthSV {args.split}: stories {args.first_story}-{args.first_story + args.stories - 1} x {args.frames} "
+        f"SynthSV {args.split} (four_character_rate {args.four_character_rate}): stories {args.first_story}-{args.first_story + args.stories - 1} x {args.frames} "
         f"frames, referential captions, {args.steps} steps, guidance {args.guidance_scale}, start_merge_step "
         f"{args.start_merge_step}, seed {args.seed}, model {args.model}"
     )
