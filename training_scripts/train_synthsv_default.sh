@@ -6,7 +6,8 @@
 # Every stage resumes from its latest checkpoint (or is skipped when its output exists), so running the
 # script again after an interruption continues where it stopped and never loses finished work.
 # Step counts can be overridden through the environment, e.g. VAE_STEPS=1000 CHAR_LDM_STEPS=2000.
-# The last stage prints the SynthSV quality table (benchmarks/synthsv_quality.py).
+# The last stage prints the SynthSV quality table (benchmarks/synthsv_quality.py); the final pipeline is
+# OUT_DIR/storygptv_final.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,22 +19,24 @@ CHAR_LDM_DECAY_STEPS=${CHAR_LDM_DECAY_STEPS:-6000}
 LM_STEPS=${LM_STEPS:-1500}
 TARGET_STORIES=${TARGET_STORIES:-2000}
 STAGE2_STEPS=${STAGE2_STEPS:-2000}
+FOUR_STEPS=${FOUR_STEPS:-3000}
+FOUR_DECAY_STEPS=${FOUR_DECAY_STEPS:-2000}
 EVAL_STORIES=${EVAL_STORIES:-100}
 CONFIGS=training_scripts/configs/synthsv_small
 mkdir -p "$OUT"
 
-echo "== 1/7 VAE (${VAE_STEPS} steps)"
+echo "== 1/8 VAE (${VAE_STEPS} steps)"
 python training_scripts/train_vae.py --dataset synthsv --vae_config "$CONFIGS/vae.json" --resolution 64 \
     --output_dir "$OUT/vae" --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 100 \
     --max_train_steps "$VAE_STEPS" --checkpointing_steps 250 --checkpoints_total_limit 3 \
     --recon_loss l1 --kl_weight 1e-6 --use_ema --seed 0 --resume_from_checkpoint latest
 
-echo "== 2/7 random small Char-LDM around the VAE"
+echo "== 2/8 random small Char-LDM around the VAE"
 if [ ! -f "$OUT/char_ldm_init/model_index.json" ]; then
     python training_scripts/make_small_pipeline.py --vae "$OUT/vae" --output_dir "$OUT/char_ldm_init"
 fi
 
-echo "== 3/7 stage 1: Char-LDM (${CHAR_LDM_STEPS} steps at a constant LR, then ${CHAR_LDM_DECAY_STEPS} with cosine decay)"
+echo "== 3/8 stage 1: Char-LDM (${CHAR_LDM_STEPS} steps at a constant LR, then ${CHAR_LDM_DECAY_STEPS} with cosine decay)"
 python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/char_ldm_init" \
     --dataset synthsv --output_dir "$OUT/char_ldm" --resolution 64 --reference_size 64 \
     --attention_blocks down_blocks.1 up_blocks.0 --max_characters 3 \
@@ -49,13 +52,13 @@ python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/
     --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$CHAR_LDM_DECAY_STEPS" \
     --checkpointing_steps 250 --checkpoints_total_limit 2 --seed 1 --resume_from_checkpoint latest
 
-echo "== 4/7 the small LLM on SynthSV stories of 8 frames (${LM_STEPS} steps)"
+echo "== 4/8 the small LLM on SynthSV stories of 8 frames (${LM_STEPS} steps)"
 python training_scripts/train_text_lm.py --dataset synthsv --output_dir "$OUT/lm" \
     --model_config "$CONFIGS/llm.json" --include_original_captions --frames_per_story 8 \
     --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 100 --max_train_steps "$LM_STEPS" \
     --checkpointing_steps 500 --seed 0 --resume_from_checkpoint latest
 
-echo "== 5/7 stage-2 targets: ${TARGET_STORIES} stories of 8 frames, 200 held out"
+echo "== 5/8 stage-2 targets: ${TARGET_STORIES} stories of 8 frames, 200 held out"
 python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$OUT/char_ldm_decay" \
     --dataset synthsv --num_stories "$TARGET_STORIES" --frames_per_story 8 --name_background \
     --output_dir "$OUT/targets"
@@ -63,7 +66,7 @@ python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$
     --dataset synthsv --split validation --num_stories 200 --frames_per_story 8 --name_background \
     --no_store_images --output_dir "$OUT/targets_val"
 
-echo "== 6/7 stage 2 (${STAGE2_STEPS} steps): caption-anchored mapper, identity-weighted L_align, grounding head, whole LLM trained"
+echo "== 6/8 stage 2 (${STAGE2_STEPS} steps): caption-anchored mapper, identity-weighted L_align, grounding head, whole LLM trained"
 python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT/char_ldm_decay" \
     --language_model_name_or_path "$OUT/lm" --targets_dir "$OUT/targets" --output_dir "$OUT/storygptv" \
     --mapper_hidden_size 128 --mapper_num_heads 4 --mapper_num_layers 2 --mapper_ffn_dim 512 \
@@ -73,6 +76,55 @@ python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT
     --max_train_steps "$STAGE2_STEPS" --checkpointing_steps 250 --checkpoints_total_limit 3 --seed 0 \
     --resume_from_checkpoint latest --validation_targets_dir "$OUT/targets_val"
 
-echo "== 7/7 quality on SynthSV test stories"
-python benchmarks/synthsv_quality.py --model "$OUT/storygptv" --stories "$EVAL_STORIES" --steps 30 \
+echo "== 7/8 four characters per frame (SynthSV's four-character variant): the UNet, then stage 2"
+# a) The UNet alone (${FOUR_STEPS} steps). The text encoder, fuser and image encoder stay frozen, so the
+#    conditioning stage 2 was fitted to is unchanged. 70 % of the runs of three characters gain a fourth.
+python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/storygptv" \
+    --dataset synthsv --dataset_options '{"four_character_rate": 0.7}' --output_dir "$OUT/char_ldm_four" \
+    --resolution 64 --reference_size 64 --attention_blocks down_blocks.1 up_blocks.0 --max_characters 4 \
+    --no-train_fuser --train_image_encoder_layers 0 --no-train_text_encoder \
+    --train_batch_size 32 --learning_rate 2e-4 --lr_scheduler cosine --lr_warmup_steps 100 \
+    --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$FOUR_STEPS" --validation_steps 100000 \
+    --checkpointing_steps 250 --checkpoints_total_limit 2 --seed 2 --resume_from_checkpoint latest
+with_unet() {  # with_unet SRC UNET_RUN DST: pipeline SRC with the UNet (and the fuser's limit) of UNET_RUN
+    if [ ! -f "$3/model_index.json" ]; then
+        rm -rf "$3.partial"
+        cp -r "$1" "$3.partial"
+        rm -rf "$3.partial/unet" "$3.partial"/checkpoint-* "$3.partial/logs" "$3.partial/best_alignment"
+        cp -r "$2/unet" "$3.partial/unet"
+        cp "$2/fuser/config.json" "$3.partial/fuser/config.json"
+        mv "$3.partial" "$3"
+    fi
+}
+with_unet "$OUT/storygptv" "$OUT/char_ldm_four" "$OUT/storygptv_four"
+# b) Stage 2 learns who "They" is when four characters share a frame: 500 steps from the trained story model
+#    on targets of the variant (half of the runs of three characters widened), best validation step exported.
+python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$OUT/storygptv_four" \
+    --dataset synthsv --dataset_options '{"four_character_rate": 0.5}' --num_stories "$TARGET_STORIES" \
+    --frames_per_story 8 --name_background --output_dir "$OUT/targets_four"
+python training_scripts/precompute_targets.py --pretrained_model_name_or_path "$OUT/storygptv_four" \
+    --dataset synthsv --dataset_options '{"four_character_rate": 0.5}' --split validation --num_stories 200 \
+    --frames_per_story 8 --name_background --no_store_images --output_dir "$OUT/targets_four_val"
+python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT/storygptv_four" \
+    --story_model_name_or_path "$OUT/storygptv" --targets_dir "$OUT/targets_four" --output_dir "$OUT/storygptv_four_s2" \
+    --mapper_queries caption --align_character_weight 8 --align_setting_weight 8 \
+    --grounding head --train_language_model --story_config_overrides '{"context_window": 4}' \
+    --train_batch_size 32 --learning_rate 3e-4 --lr_warmup_steps 50 --max_train_steps 500 \
+    --checkpointing_steps 100 --checkpoints_total_limit 2 --seed 5 --resume_from_checkpoint latest \
+    --validation_targets_dir "$OUT/targets_four_val"
+# c) A second UNet phase with the LR decayed to 0 (${FOUR_DECAY_STEPS} steps, half of the runs widened): it
+#    wins back the two- and three-character frames the first phase cost.
+python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/char_ldm_four" \
+    --dataset synthsv --dataset_options '{"four_character_rate": 0.5}' --output_dir "$OUT/char_ldm_four_decay" \
+    --resolution 64 --reference_size 64 --attention_blocks down_blocks.1 up_blocks.0 --max_characters 4 \
+    --no-train_fuser --train_image_encoder_layers 0 --no-train_text_encoder \
+    --train_batch_size 32 --learning_rate 1.5e-4 --lr_scheduler cosine --lr_warmup_steps 50 \
+    --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$FOUR_DECAY_STEPS" --validation_steps 100000 \
+    --checkpointing_steps 250 --checkpoints_total_limit 2 --seed 3 --resume_from_checkpoint latest
+with_unet "$OUT/storygptv_four_s2" "$OUT/char_ldm_four_decay" "$OUT/storygptv_final"
+
+echo "== 8/8 quality on SynthSV test stories (then on their four-character variant)"
+python benchmarks/synthsv_quality.py --model "$OUT/storygptv_final" --stories "$EVAL_STORIES" --steps 30 \
     --guidance_scale 5
+python benchmarks/synthsv_quality.py --model "$OUT/storygptv_final" --stories "$EVAL_STORIES" --steps 30 \
+    --guidance_scale 5 --four_character_rate 1 --variants full char_ldm
