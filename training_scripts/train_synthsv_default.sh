@@ -79,13 +79,16 @@ python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT
 echo "== 7/8 four characters per frame (SynthSV's four-character variant): the UNet, then stage 2"
 # a) The UNet alone (${FOUR_STEPS} steps). The text encoder, fuser and image encoder stay frozen, so the
 #    conditioning stage 2 was fitted to is unchanged. 70 % of the runs of three characters gain a fourth.
-python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/storygptv" \
-    --dataset synthsv --dataset_options '{"four_character_rate": 0.7}' --output_dir "$OUT/char_ldm_four" \
-    --resolution 64 --reference_size 64 --attention_blocks down_blocks.1 up_blocks.0 --max_characters 4 \
-    --no-train_fuser --train_image_encoder_layers 0 --no-train_text_encoder \
-    --train_batch_size 32 --learning_rate 2e-4 --lr_scheduler cosine --lr_warmup_steps 100 \
-    --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$FOUR_STEPS" --validation_steps 100000 \
-    --checkpointing_steps 250 --checkpoints_total_limit 2 --seed 2 --resume_from_checkpoint latest
+train_unet_four() {  # train_unet_four FROM OUT RATE LR WARMUP STEPS SEED
+    python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$1" --output_dir "$2" \
+        --dataset synthsv --dataset_options "{\"four_character_rate\": $3}" \
+        --resolution 64 --reference_size 64 --attention_blocks down_blocks.1 up_blocks.0 --max_characters 4 \
+        --no-train_fuser --train_image_encoder_layers 0 --no-train_text_encoder \
+        --train_batch_size 32 --learning_rate "$4" --lr_scheduler cosine --lr_warmup_steps "$5" \
+        --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$6" --validation_steps 100000 \
+        --checkpointing_steps 250 --checkpoints_total_limit 2 --seed "$7" --resume_from_checkpoint latest
+}
+train_unet_four "$OUT/storygptv" "$OUT/char_ldm_four" 0.7 2e-4 100 "$FOUR_STEPS" 2
 with_unet() {  # with_unet SRC UNET_RUN DST: pipeline SRC with the UNet (and the fuser's limit) of UNET_RUN
     if [ ! -f "$3/model_index.json" ]; then
         rm -rf "$3.partial"
@@ -114,13 +117,7 @@ python training_scripts/train_storygptv.py --pretrained_model_name_or_path "$OUT
     --validation_targets_dir "$OUT/targets_four_val"
 # c) A second UNet phase with the LR decayed to 0 (${FOUR_DECAY_STEPS} steps, half of the runs widened): it
 #    wins back the two- and three-character frames the first phase cost.
-python training_scripts/train_char_ldm.py --pretrained_model_name_or_path "$OUT/char_ldm_four" \
-    --dataset synthsv --dataset_options '{"four_character_rate": 0.5}' --output_dir "$OUT/char_ldm_four_decay" \
-    --resolution 64 --reference_size 64 --attention_blocks down_blocks.1 up_blocks.0 --max_characters 4 \
-    --no-train_fuser --train_image_encoder_layers 0 --no-train_text_encoder \
-    --train_batch_size 32 --learning_rate 1.5e-4 --lr_scheduler cosine --lr_warmup_steps 50 \
-    --snr_gamma 5 --use_ema --ema_decay 0.999 --max_train_steps "$FOUR_DECAY_STEPS" --validation_steps 100000 \
-    --checkpointing_steps 250 --checkpoints_total_limit 2 --seed 3 --resume_from_checkpoint latest
+train_unet_four "$OUT/char_ldm_four" "$OUT/char_ldm_four_decay" 0.5 1.5e-4 50 "$FOUR_DECAY_STEPS" 3
 with_unet "$OUT/storygptv_four_s2" "$OUT/char_ldm_four_decay" "$OUT/storygptv_final"
 
 echo "== 8/8 quality on SynthSV test stories (then on their four-character variant)"
