@@ -5,6 +5,8 @@
 - ``mode_mutual.png``: a story whose later captions only say "They" / "She", drawn by Char-LDM alone (top row) and
   by Char-LDM with ``consistency="mutual"`` and a box per character, at weight 1 and 64 (the rows below): the
   boxes say who is where, the portraits what they look like.
+- ``mode_four.png``: a story with four characters in a frame, then "They", drawn by the story pipeline (the UNet
+  was fine-tuned on SynthSV's four-character variant).
 - ``mode_continue.png``: the README story's first two captions, then two frames the story model writes itself
   (``continue_story`` inside SynthSV's caption grammar).
 """
@@ -19,6 +21,7 @@ import torch
 import storygptv
 from storygptv import CharLDMPipeline, StoryGPTVPipeline, make_storyboard
 from storygptv.data.synthsv import caption_prefix_validator, reference_images
+from storygptv.evaluation.synthsv import SynthSVJudge
 
 HERE = Path(__file__).parent
 MUTUAL_STORY = ["Ava and Bo are standing in the forest.", "They are jumping in the forest.", "She is waving."]
@@ -26,6 +29,13 @@ MUTUAL_BOXES = [  # (x0, y0, x1, y1) in pixels of the 64x64 frame
     {"Ava": (6, 36, 22, 52), "Bo": (42, 36, 58, 52)},
     {"Ava": (6, 24, 22, 40), "Bo": (42, 24, 58, 40)},
     {"Ava": (24, 36, 40, 52)},
+]
+FOUR_STORY = [
+    "Ava, Bo, Cleo and Dax are standing in the lake.",
+    "They are jumping.",
+    "Eli is waving in the lake.",
+    "Bo, Fay, Gus and Hana are sitting in the snow.",
+    "They are laughing.",
 ]
 
 
@@ -62,6 +72,13 @@ def main() -> None:
     for row in rows[1:]:
         board = stack(board, row)
     board.save(HERE / "mode_mutual.png")
+
+    # Four characters in a frame, and "They" for all four.
+    story = story_pipe(FOUR_STORY, characters=refs, generator=torch.Generator().manual_seed(0))
+    drawn = [f"{c} [drawn with {', '.join(who)}]" for c, who in zip(FOUR_STORY, story.characters)]
+    make_storyboard(story.images, drawn, columns=len(FOUR_STORY), frame_size=160).save(HERE / "mode_four.png")
+    judge = SynthSVJudge()
+    print("four characters, judged:", [sorted(judge.judge_frame(image).characters) for image in story.images])
 
     # The README story's start, then two frames the story model writes.
     start = ["Ava and Bo are standing in the forest.", "They are jumping."]
