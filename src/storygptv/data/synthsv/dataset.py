@@ -16,7 +16,7 @@ from typing import Any
 from .._common import STORY_COLUMNS, multi_hot, story_features
 from .render import render_story_frames, render_synthsv_batch
 from .sampling import RawFrame, check_sampling_args, referential_captions, sample_accepted
-from .spec import ACTIONS, BACKGROUNDS, CHARACTERS, SPLIT_SIZES, character_box
+from .spec import ACTIONS, BACKGROUNDS, CHARACTERS, SPLIT_SIZES, slot_boxes
 from .story import make_frame_ids, make_story_id
 
 #: Stories drawn at once by the streaming dataset (the same stories as one by one, only faster).
@@ -41,8 +41,7 @@ def _background_labels(background: str) -> list[int]:
 
 @lru_cache(maxsize=1024)
 def _boxes(slots: tuple[int, ...], action: int) -> list[list[float]]:
-    four = len(slots) == 4
-    return [[float(c) for c in character_box(slot, ACTIONS[action], four=four)] for slot in slots]
+    return [[float(c) for c in box] for box in slot_boxes(slots, ACTIONS[action])]
 
 
 def story_row(

@@ -119,7 +119,7 @@ class SynthFrame:
     @property
     def boxes(self) -> list[tuple[int, int, int, int]]:
         """Exact ``(x1, y1, x2, y2)`` box of each character (x2, y2 exclusive), in caption order."""
-        return [character_box(slot, self.action, four=len(self.slots) == 4) for slot in self.slots]
+        return slot_boxes(self.slots, self.action)
 
     @property
     def caption(self) -> str:
@@ -146,6 +146,12 @@ def character_box(slot: int, action: str, four: bool = False) -> tuple[int, int,
     top = POSE_TOP[action]
     height = SITTING_HEIGHT if action == "sitting" else SPRITE_SIZE
     return (x1, top, x1 + SPRITE_SIZE, top + height)
+
+
+def slot_boxes(slots: Sequence[int], action: str) -> list[tuple[int, int, int, int]]:
+    """The boxes of a frame's ``slots``: four slots are the four-character layout (:data:`FOUR_SLOT_X`)."""
+    four = len(slots) == len(FOUR_SLOT_X)
+    return [character_box(slot, action, four=four) for slot in slots]
 
 
 def join_names(names: Sequence[str]) -> str:
