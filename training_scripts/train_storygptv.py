@@ -74,7 +74,12 @@ from storygptv.training.accelerate_setup import (
     setup_logging,
     weight_dtype_for,
 )
-from storygptv.training.arguments import frames_per_story_default, run_settings, training_arg_parser
+from storygptv.training.arguments import (
+    frames_per_story_default,
+    json_object,
+    run_settings,
+    training_arg_parser,
+)
 from storygptv.training.checkpoints import save_checkpoint
 from storygptv.training.checks import TrainingSetupError, check_dataset, check_pipeline_folder
 from storygptv.training.data import (
@@ -212,7 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mapper_num_layers", type=int, default=4, help="Encoder and decoder layers each.")
     g.add_argument("--mapper_ffn_dim", type=int, default=2048)
     g.add_argument(
-        "--story_config_overrides", default=None, help="JSON object of further StoryGPTVConfig fields."
+        "--story_config_overrides",
+        type=json_object,
+        default={},
+        help="JSON object of further StoryGPTVConfig fields.",
     )
     g.add_argument(
         "--mapper_queries",
@@ -323,12 +331,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--restored_anchor_prob only applies to --mapper_queries caption.")
     if args.align_character_weight < 0 or args.align_setting_weight < 0:
         parser.error("--align_character_weight and --align_setting_weight must be >= 0.")
-    try:
-        args.story_config_overrides = (
-            json.loads(args.story_config_overrides) if args.story_config_overrides else {}
-        )
-    except ValueError as error:
-        parser.error(f"--story_config_overrides is not valid JSON: {error}")
     if args.max_length < 16:
         parser.error("--max_length must be at least 16.")
     args.frames_per_story = frames_per_story_default(args.dataset, args.frames_per_story)

@@ -65,15 +65,14 @@ TRAIN_DATASET_PATH_HELP = (
 
 
 def json_object(text: str) -> dict[str, Any]:
-    """``--dataset_options``: a JSON object (argparse ``type``; a clear error otherwise)."""
+    """An option holding a JSON object (``--dataset_options``, ``--story_config_overrides``): the argparse
+    ``type`` that parses it, with a clear error otherwise."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from error
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"must be a JSON object such as '{{\"four_character_rate\": 0.7}}', got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"must be a JSON object ('{{\"name\": value, ...}}'), got {text!r}")
     return value
 
 
